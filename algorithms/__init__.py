@@ -1,0 +1,1 @@
+"""Installed as ``pccl.algorithms``: collective schedules, executors and reduce kernels."""

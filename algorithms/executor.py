@@ -1,0 +1,198 @@
+"""Runs a :class:`~pccl.algorithms.ring.RingPlan` over the connections of a :class:`LinkSet`.
+
+How it works
+1. For every lane k the job submits a *send program* to send-connection k and a *receive program*
+   to receive-connection k. Each program walks the plan's steps for the pieces of its lane.
+2. The receive program reads each frame header, checks it is exactly the expected (op, step,
+   piece, size), then receives the payload: into a reused scratch buffer and reduces it into the
+   output (reduce-scatter), or straight into the output (all-gather). The owned chunk is
+   finalized right after its last reduction. Then it bumps the lane's counter.
+3. The send program sends step 0 from the input and every later piece from the output as soon as
+   the lane counter says the piece has arrived (and been reduced): sending overlaps receiving and
+   reducing, piece by piece.
+4. In place (output is the input), every piece is copied to a backup before it is first
+   overwritten; ``restore()`` puts the caller's bytes back after an abort.
+5. ``abort()`` records the reason and shuts the link's sockets, which ends every blocked program.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+
+from pccl.enums import ReduceOp
+from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
+from pccl.algorithms import kernels
+from pccl.algorithms.ring import RingPlan
+from pccl.transports import framing
+from pccl.transports.links import LinkSet, recv_exact
+
+
+def send_frame(sock: socket.socket, header: bytes, payload: memoryview) -> None:
+    total = len(header) + len(payload)
+    sent = sock.sendmsg([header, payload])
+    if sent < total:
+        if sent < len(header):
+            sock.sendall(header[sent:])
+            sock.sendall(payload)
+        else:
+            sock.sendall(payload[sent - len(header):])
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(a).cast("B") if a.size else memoryview(b"")
+
+
+class RingJob:
+    """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
+
+    def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
+                 links: LinkSet, max_frame: int) -> None:
+        self.plan, self.seq, self.op = plan, seq, op
+        self.inp, self.out = inp, out
+        self.links = links
+        self.max_frame = max_frame
+        self.backup = np.empty_like(out) if out is inp and plan.world > 1 else None
+        self.touched: list[tuple[int, int]] = []
+        self._cond = threading.Condition()
+        self._recv_done = [0] * plan.lanes
+        self._running = 0
+        self.failed: BaseException | None = None
+        self.tx = [0] * plan.lanes
+        self.rx = [0] * plan.lanes
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        if self.plan.world == 1:
+            return
+        if len(self.links.send) < self.plan.lanes or len(self.links.recv) < self.plan.lanes:
+            raise PeerFailure("the data links of this revision are missing")
+        with self._cond:
+            self._running = 2 * self.plan.lanes
+        for k in range(self.plan.lanes):
+            self.links.send[k].submit(self._sender(k), self._lane_done)
+            self.links.recv[k].submit(self._receiver(k), self._lane_done)
+
+    def _lane_done(self, err: BaseException | None) -> None:
+        with self._cond:
+            self._running -= 1
+            if err is not None and self.failed is None:
+                self.failed = err
+            self._cond.notify_all()
+
+    def wait(self, deadline: float) -> None:
+        """Block until every lane finished; raise the first lane error or PcclTimeout."""
+        with self._cond:
+            while self._running > 0 and self.failed is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
+                self._cond.wait(min(left, 1.0))
+            if self.failed is not None:
+                raise self.failed
+
+    def abort(self, reason: BaseException) -> None:
+        with self._cond:
+            if self.failed is None:
+                self.failed = reason
+            self._cond.notify_all()
+        self.links.abort()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until no lane program of this job runs any more (after ``abort``)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._running > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def restore(self) -> None:
+        if self.backup is not None:
+            for lo, hi in self.touched:
+                self.out[lo:hi] = self.backup[lo:hi]
+
+    @property
+    def tx_bytes(self) -> int:
+        return sum(self.tx)
+
+    @property
+    def rx_bytes(self) -> int:
+        return sum(self.rx)
+
+    # ------------------------------------------------------------------ lane programs
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
+
+    def _sender(self, lane: int):
+        plan = self.plan
+        pieces = plan.lane_pieces(lane)
+        per_step = len(pieces)
+
+        def run(sock: socket.socket) -> None:
+            i = 0
+            for step in plan.steps:
+                src = self.inp if step.index == 0 else self.out
+                for j in pieces:
+                    if i >= per_step:
+                        need = i - per_step + 1
+                        with self._cond:
+                            while self._recv_done[lane] < need and self.failed is None:
+                                self._cond.wait(1.0)
+                    self._check()
+                    lo, hi = plan.piece(step.send_chunk, j)
+                    if hi > lo:
+                        payload = _bytes(src[lo:hi])
+                        hdr = framing.encode_frame(framing.FrameHeader(self.seq, step.index, j, len(payload)))
+                        send_frame(sock, hdr, payload)
+                        self.tx[lane] += len(payload)
+                    i += 1
+
+        return run
+
+    def _receiver(self, lane: int):
+        plan = self.plan
+        pieces = plan.lane_pieces(lane)
+        itemsize = self.out.dtype.itemsize
+        hdr_buf = bytearray(framing.FRAME_SIZE)
+        hdr_view = memoryview(hdr_buf)
+
+        def run(sock: socket.socket) -> None:
+            scratch: np.ndarray | None = None
+            for step in plan.steps:
+                for j in pieces:
+                    self._check()
+                    lo, hi = plan.piece(step.recv_chunk, j)
+                    if hi > lo:
+                        nbytes = (hi - lo) * itemsize
+                        recv_exact(sock, hdr_view)
+                        h = framing.decode_frame(hdr_buf, self.max_frame)
+                        if (h.seq, h.step, h.piece, h.nbytes) != (self.seq, step.index, j, nbytes):
+                            raise ProtocolError(
+                                f"unexpected data frame (op {h.seq} step {h.step} piece {h.piece} "
+                                f"{h.nbytes} B; expected op {self.seq} step {step.index} piece {j} {nbytes} B)")
+                        target = self.out[lo:hi]
+                        if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
+                            self.backup[lo:hi] = target
+                            self.touched.append((lo, hi))
+                        if step.reduce:
+                            if scratch is None or scratch.size < hi - lo:
+                                scratch = np.empty(hi - lo, dtype=self.out.dtype)
+                            buf = scratch[: hi - lo]
+                            recv_exact(sock, _bytes(buf))
+                            kernels.reduce_into(self.op, self.inp[lo:hi], buf, target)
+                            if step.final:
+                                kernels.finalize(self.op, target, plan.world)
+                        else:
+                            recv_exact(sock, _bytes(target))
+                        self.rx[lane] += nbytes
+                    with self._cond:
+                        self._recv_done[lane] += 1
+                        self._cond.notify_all()
+
+        return run

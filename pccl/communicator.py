@@ -1,0 +1,555 @@
+"""The peer: :class:`Communicator`.
+
+How it works
+1. ``connect()`` opens the data listener and the control channel, registers, and waits until a
+   topology that includes this peer arrives (the first peer is admitted at once; later ones when
+   the accepted peers call ``update_topology``). Then it opens the data links of that revision.
+2. The control thread delivers master messages to ``_on_message``; it never blocks. A
+   ``Commence`` starts the op's ring job right there, so every peer queues lane programs in the
+   master's commence order.
+3. A collective's driver (the caller's thread, or one thread per async op) announces the op,
+   waits for commence, waits for its local part, reports it, and waits for the master's single
+   verdict: commit writes the result, abort restores the caller's input and raises.
+4. Fatal failures (kicked, master unreachable) fail every waiting call and every later call.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from pccl import tensors
+from pccl.config import Config, resolve
+from pccl.enums import Algorithm, Quantization, ReduceOp
+from pccl.errors import (
+    InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
+)
+from pccl.algorithms import kernels, ring
+from pccl.algorithms.executor import RingJob
+from pccl.transports import messages as m
+from pccl.transports.control import ControlChannel
+from pccl.transports.links import LinkSet, Listener, build_links
+
+log = logging.getLogger(__name__)
+
+_NAMES = itertools.count()
+
+
+@dataclass(frozen=True)
+class ReduceInfo:
+    """What one collective did: participants, payload bytes sent and received, wall time."""
+
+    world_size: int
+    tx_bytes: int
+    rx_bytes: int
+    seconds: float
+
+
+class _Op:
+    """Book-keeping of one collective on this peer (guarded by the communicator's lock)."""
+
+    def __init__(self, tag: int, announce: m.Announce, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
+                 deadline: float) -> None:
+        self.tag = tag
+        self.announce = announce
+        self.op = op
+        self.inp = inp
+        self.out = out
+        self.deadline = deadline
+        self.commence: m.Commence | None = None
+        self.refused: PcclError | None = None
+        self.start_error: PcclError | None = None
+        self.job: RingJob | None = None
+        self.verdict: m.Verdict | None = None
+        self.commit: Callable[[], None] | None = None  # writes a staged result into the user's dst
+
+
+def _resolve_master(master: str | None) -> str:
+    addr = master or os.environ.get("PCCL_MASTER")
+    if not addr:
+        raise InvalidUsage("no master address: pass master='host:port' or set PCCL_MASTER")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidUsage(f"master address {addr!r} must look like host:port")
+    return addr
+
+
+def _local_address_towards(host: str) -> str:
+    """The local IP that routes to ``host`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(host), 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class Communicator:
+    """A peer of a pccl run.
+
+    ``Communicator(master="host:port", peer_group=0, connections=2, advertise_host=None,
+    locality=None, timeouts=None)``. ``timeouts`` is a :class:`pccl.Config` (None: defaults with
+    ``PCCL_*`` environment overrides). ``advertise_host`` is the address other peers use to reach
+    this peer's data port (default: the local address that routes to the master).
+    """
+
+    def __init__(self, master: str | None = None, peer_group: int = 0, connections: int = 2,
+                 advertise_host: str | None = None, locality: str | None = None,
+                 timeouts: Config | None = None, listen_host: str | None = None,
+                 name: str | None = None) -> None:
+        self.master = _resolve_master(master)
+        if not isinstance(peer_group, int) or peer_group < 0:
+            raise InvalidUsage("peer_group must be a non-negative int")
+        if not isinstance(connections, int) or not 1 <= connections <= 16:
+            raise InvalidUsage("connections must be an int in 1..16")
+        self.config = resolve(timeouts)
+        self.peer_group = peer_group
+        self.connections = connections
+        self.advertise_host = advertise_host
+        self.listen_host = listen_host
+        self.locality = locality if locality is not None else socket.gethostname()
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{next(_NAMES)}"
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._failure: PcclError | None = None
+        self._closed = False
+        self._peer_id: int | None = None
+        self._revision = 0
+        self._members: tuple[m.Member, ...] = ()
+        self._ring: tuple[int, ...] = ()
+        self._new_topology: m.Topology | None = None
+        self._links = LinkSet.empty(0)
+        self._links_ok = False
+        self._replies: dict[int, bool] = {}
+        self._reqs = itertools.count(1)
+        self._ops: dict[int, _Op] = {}  # by tag
+        self._by_seq: dict[int, _Op] = {}
+        self._listener: Listener | None = None
+        self._control: ControlChannel | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peer_id(self) -> int:
+        if self._peer_id is None:
+            raise InvalidUsage("not connected: call connect() first")
+        return self._peer_id
+
+    @property
+    def world_size(self) -> int:
+        """Peers of this peer's group in the current topology."""
+        return len(self._ring)
+
+    @property
+    def rank(self) -> int:
+        """Position of this peer in its group's ring."""
+        return self._ring.index(self.peer_id)
+
+    @property
+    def topology(self) -> tuple[int, ...]:
+        """Peer ids of this peer's group in ring order."""
+        return self._ring
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    # ------------------------------------------------------------------ control-thread callbacks
+    def _on_message(self, msg: object) -> None:
+        with self._cond:
+            if isinstance(msg, m.Heartbeat):
+                return
+            if isinstance(msg, m.Registered):
+                self._peer_id = msg.peer_id
+                if self._listener is not None:
+                    self._listener.peer_id = msg.peer_id
+            elif isinstance(msg, m.Topology):
+                self._new_topology = msg
+            elif isinstance(msg, m.PendingReply):
+                self._replies[msg.req] = msg.pending
+            elif isinstance(msg, m.Commence):
+                self._commence(msg)
+            elif isinstance(msg, m.OpFailed):
+                op = self._ops.get(msg.tag)
+                if op is not None and op.commence is None:
+                    op.refused = error_from_kind(msg.kind, msg.message)
+            elif isinstance(msg, m.Verdict):
+                op = self._by_seq.get(msg.seq)
+                if op is not None:
+                    op.verdict = msg
+                    if not msg.ok and op.job is not None:
+                        op.job.abort(error_from_kind(msg.kind, msg.message))
+            elif isinstance(msg, m.Kicked):
+                self._fail(Kicked(f"the master removed this peer: {msg.reason}"))
+            else:
+                self._fail(PcclError(f"unexpected message from the master: {type(msg).__name__}"))
+            self._cond.notify_all()
+
+    def _on_failure(self, err: PcclError) -> None:
+        with self._cond:
+            self._fail(err)
+            self._cond.notify_all()
+
+    def _fail(self, err: PcclError) -> None:
+        if self._failure is None:
+            self._failure = err
+        for op in self._ops.values():
+            if op.job is not None:
+                op.job.abort(err)
+
+    def _commence(self, msg: m.Commence) -> None:
+        op = self._ops.get(msg.tag)
+        if op is None or op.commence is not None or op.refused is not None:
+            return  # we withdrew; our Withdraw makes the master abort it
+        op.commence = msg
+        self._by_seq[msg.seq] = op
+        try:
+            if msg.revision != self._revision or tuple(msg.participants) != self._ring:
+                raise PeerFailure(f"op {msg.seq} commenced for revision {msg.revision} "
+                                  f"{msg.participants}, this peer is at {self._revision} {self._ring}")
+            if not self._links_ok:
+                raise PeerFailure("this peer's data links are down; call update_topology and retry")
+            plan = ring.plan(op.inp.size, len(self._ring), self.rank, op.inp.dtype.itemsize,
+                             self.config.pipeline_bytes, self.connections)
+            op.job = RingJob(plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes)
+            op.job.start()
+        except PcclError as exc:
+            op.start_error = exc
+
+    # ------------------------------------------------------------------ waiting helpers
+    def _check(self) -> None:
+        if self._closed:
+            raise InvalidUsage("the communicator is closed")
+        if self._failure is not None:
+            raise self._failure
+
+    def _wait(self, pred, deadline: float, what: str) -> None:
+        """Wait on the condition (lock held) until ``pred()``; fatal failures and the deadline raise."""
+        while not pred():
+            self._check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PcclTimeout(f"{what} did not happen within the deadline")
+            self._cond.wait(min(left, 0.5))
+
+    def _send(self, msg: object) -> None:
+        if self._control is None:
+            raise InvalidUsage("not connected: call connect() first")
+        self._control.send(msg)
+
+    # ------------------------------------------------------------------ membership
+    def connect(self, timeout: float | None = None) -> "Communicator":
+        """Register with the master and wait until admitted.
+
+        Raises PcclTimeout (not admitted in time: the accepted peers must call update_topology),
+        MasterUnreachable, Kicked, PeerFailure (links to the neighbours could not be opened; call
+        update_topology to retry), InvalidUsage (already connected).
+        """
+        with self._cond:
+            if self._control is not None:
+                raise InvalidUsage("connect() was already called")
+            if self._closed:
+                raise InvalidUsage("the communicator is closed")
+        deadline = time.monotonic() + (self.config.join_timeout if timeout is None else timeout)
+        host = self.advertise_host or _local_address_towards(self.master.rpartition(":")[0])
+        try:
+            self._listener = Listener(self.listen_host or host, 0, self.config)
+        except OSError as exc:
+            raise InvalidUsage(f"cannot listen for data connections on {host}: {exc}") from exc
+        hello = m.Register(group=self.peer_group, data_host=host, data_port=self._listener.port,
+                           locality=self.locality, name=self.name)
+        self._control = ControlChannel(self.master, self.config, hello, self._on_message, self._on_failure)
+        try:
+            with self._cond:
+                self._wait(lambda: self._peer_id is not None and self._new_topology is not None,
+                           deadline, "admission by the master")
+                topo = self._new_topology
+            self._apply(topo, deadline)
+        except PcclTimeout:
+            self.close()
+            raise PcclTimeout("not admitted in time: the accepted peers must call update_topology()") from None
+        return self
+
+    def _apply(self, topo: m.Topology, deadline: float) -> None:
+        """Adopt a topology: close the old links, open the new ones."""
+        with self._cond:
+            self._new_topology = None
+            me = self.peer_id
+            if all(mb.peer_id != me for mb in topo.members):
+                self._fail(Kicked("the new topology does not include this peer"))
+                self._check()
+            old = self._links
+            self._links = LinkSet.empty(topo.revision)
+            self._links_ok = False
+            self._revision = topo.revision
+            self._members = topo.members
+            self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
+        old.close()
+        assert self._listener is not None
+        self._listener.drop_older(topo.revision)
+        n = len(self._ring)
+        log.info("peer %d: revision %d, ring %s", me, topo.revision, self._ring)
+        if n == 1:
+            with self._cond:
+                self._links_ok = True
+            return
+        r = self._ring.index(me)
+        right = next(mb for mb in topo.members if mb.peer_id == self._ring[(r + 1) % n])
+        left = self._ring[(r - 1) % n]
+        links = build_links(self._listener, topo.revision, me, (right.peer_id, right.host, right.port), left,
+                            self.connections, self.config, min(deadline, time.monotonic() + self.config.topology_timeout))
+        with self._cond:
+            if self._revision == topo.revision and self._failure is None:
+                self._links = links
+                self._links_ok = True
+                return
+        links.close()
+        self._check()
+
+    def update_topology(self, timeout: float | None = None) -> None:
+        """Vote for a topology update and adopt the result: pending peers are admitted, dead ones
+        dropped, links rebuilt. Blocks until every live accepted peer has voted.
+
+        Raises InvalidUsage (async collectives still in flight), PcclTimeout, MasterUnreachable,
+        Kicked, PeerFailure (a neighbour died while links were opened: call it again).
+        """
+        deadline = time.monotonic() + (self.config.topology_timeout if timeout is None else timeout)
+        with self._cond:
+            self._check()
+            if self._ops:
+                raise InvalidUsage("update_topology() while collectives are in flight; wait for them first")
+            start = self._revision
+            self._send(m.VoteTopology())
+            self._wait(lambda: self._new_topology is not None and self._new_topology.revision > start,
+                       deadline, "the topology update (every accepted peer must call update_topology)")
+            topo = self._new_topology
+        self._apply(topo, deadline)
+
+    def are_peers_pending(self, timeout: float | None = None) -> bool:
+        """Whether peers wait to be admitted (then every accepted peer should call update_topology)."""
+        deadline = time.monotonic() + (self.config.request_timeout if timeout is None else timeout)
+        with self._cond:
+            self._check()
+            req = next(self._reqs)
+            self._send(m.PendingQuery(req=req))
+            self._wait(lambda: req in self._replies, deadline, "the master's answer")
+            return self._replies.pop(req)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, src: Any, dst: Any = None, op: ReduceOp = ReduceOp.SUM,
+                   quantization: Quantization = Quantization.NONE, algorithm: Algorithm = Algorithm.AUTO,
+                   tag: int = 0, timeout: float | None = None) -> ReduceInfo:
+        """All-reduce ``src`` into ``dst`` (``None``: in place) over this peer's group.
+
+        Every participant ends with bit-identical results. Raises PeerFailure or Aborted (a
+        participant died or failed: call update_topology and retry), PcclTimeout,
+        InvalidUsage (bad arguments, or arguments that differ across peers), MasterUnreachable,
+        Kicked. On any error ``src`` is unchanged byte for byte.
+        """
+        return self._run(self._prepare(src, dst, op, quantization, algorithm, tag, timeout))
+
+    def all_reduce_async(self, src: Any, dst: Any = None, op: ReduceOp = ReduceOp.SUM,
+                         quantization: Quantization = Quantization.NONE, algorithm: Algorithm = Algorithm.AUTO,
+                         tag: int = 0, timeout: float | None = None) -> "AllReduceHandle":
+        """Start an all-reduce and return a handle; ``handle.wait()`` returns its ReduceInfo or raises
+        what ``all_reduce`` would. Ops in flight at once need distinct tags."""
+        prepared = self._prepare(src, dst, op, quantization, algorithm, tag, timeout)
+        return AllReduceHandle(self, prepared)
+
+    def _prepare(self, src: Any, dst: Any, op: Any, quantization: Any, algorithm: Any, tag: Any,
+                 timeout: float | None) -> _Op:
+        try:
+            op = ReduceOp(op)
+            quantization = Quantization(quantization)
+            algorithm = Algorithm(algorithm)
+        except ValueError as exc:
+            raise InvalidUsage(str(exc)) from exc
+        if quantization is not Quantization.NONE:
+            raise InvalidUsage(f"quantization {quantization.name} is not available yet; use Quantization.NONE")
+        if algorithm not in (Algorithm.AUTO, Algorithm.RING):
+            raise InvalidUsage(f"algorithm {algorithm.name} is not available yet; use AUTO or RING")
+        if type(tag) is not int or tag < 0 or tag >= 1 << 63:
+            raise InvalidUsage("tag must be a non-negative int")
+        sb = tensors.wrap(src, "src")
+        db = sb if dst is None else tensors.wrap(dst, "dst")
+        if db.dtype != sb.dtype or db.array.size != sb.array.size:
+            raise InvalidUsage(f"src ({sb.dtype}, {sb.array.size} elements) and dst ({db.dtype}, "
+                               f"{db.array.size} elements) must match")
+        in_place = db.identity == sb.identity
+        if not in_place and db.writeback is None and sb.writeback is None and np.shares_memory(sb.array, db.array):
+            raise InvalidUsage("src and dst overlap partially; pass the same buffer or disjoint ones")
+        commit = None
+        if sb.dtype in tensors.WIDENED or sb.writeback is not None or db.writeback is not None:
+            # Staged: reduce into a private buffer, write the user's dst only on commit.
+            inp = sb.array.astype(np.float32) if sb.dtype in tensors.WIDENED else sb.array
+            out = np.empty_like(inp)
+            if db.writeback is not None:
+                commit = lambda: db.writeback(out)  # noqa: E731
+            else:
+                commit = lambda: np.copyto(db.array, out, casting="unsafe")  # noqa: E731
+        else:
+            inp = sb.array
+            out = inp if in_place else db.array
+        deadline = time.monotonic() + (self.config.op_timeout if timeout is None else timeout)
+        ann = m.Announce(tag=tag, kind="all_reduce", count=int(inp.size), dtype=sb.dtype, op=op.value,
+                         algorithm=algorithm.value, quantization=quantization.value)
+        rec = _Op(tag, ann, op, inp, out, deadline)
+        rec.commit = commit
+        with self._cond:
+            self._check()
+            if tag in self._ops:
+                raise InvalidUsage(f"tag {tag} is already in flight on this peer")
+            if len(self._ops) >= self.config.max_in_flight:
+                raise InvalidUsage(f"at most {self.config.max_in_flight} collectives may be in flight")
+            self._ops[tag] = rec
+        return rec
+
+    def _run(self, rec: _Op) -> ReduceInfo:
+        t0 = time.monotonic()
+        try:
+            world = self._collective(rec)
+        finally:
+            with self._cond:
+                self._ops.pop(rec.tag, None)
+                if rec.commence is not None:
+                    self._by_seq.pop(rec.commence.seq, None)
+        if rec.commit is not None:
+            rec.commit()
+        job = rec.job
+        return ReduceInfo(world, job.tx_bytes if job else 0, job.rx_bytes if job else 0, time.monotonic() - t0)
+
+    def _collective(self, rec: _Op) -> int:
+        """Run one collective to its verdict; returns the world size or raises (input restored)."""
+        with self._cond:
+            self._check()
+            world = len(self._ring)
+        if world == 1:
+            if rec.out is not rec.inp:
+                np.copyto(rec.out, rec.inp)
+            kernels.finalize(rec.op, rec.out, 1)
+            return 1
+        self._send(rec.announce)
+        with self._cond:
+            try:
+                self._wait(lambda: rec.commence is not None or rec.refused is not None, rec.deadline,
+                           f"commencement of collective tag {rec.tag} (every peer of the group must call it)")
+            except PcclTimeout:
+                self._send_quietly(m.Withdraw(tag=rec.tag))
+                raise
+            if rec.commence is None:
+                assert rec.refused is not None
+                raise rec.refused
+            seq = rec.commence.seq
+        local: PcclError | None = rec.start_error
+        if local is None:
+            assert rec.job is not None
+            try:
+                rec.job.wait(rec.deadline)
+            except PcclError as exc:
+                local = exc
+        if local is None:
+            self._send_quietly(m.OpReport(seq=seq, ok=True, kind="", message=""))
+        else:
+            kind = "peer_failure" if isinstance(local, PeerFailure) else "timeout" if isinstance(local, PcclTimeout) else "aborted"
+            self._send_quietly(m.OpReport(seq=seq, ok=False, kind=kind, message=str(local)))
+            if rec.job is not None:
+                rec.job.abort(local)
+        # The master decides once every participant reported or died; it stays alive (heartbeats)
+        # or the control channel fails with MasterUnreachable, so this wait is bounded.
+        verdict_deadline = max(rec.deadline, time.monotonic()) + self.config.op_timeout + self.config.peer_timeout
+        with self._cond:
+            try:
+                self._wait(lambda: rec.verdict is not None, verdict_deadline, f"the verdict on op {seq}")
+            except PcclError as exc:
+                self._abort_restore(rec)
+                raise (local or exc) from None
+            verdict = rec.verdict
+        if verdict.ok and local is None:
+            return len(rec.commence.participants)
+        self._abort_restore(rec)
+        if local is not None:
+            raise local
+        raise error_from_kind(verdict.kind, verdict.message)
+
+    def _abort_restore(self, rec: _Op) -> None:
+        job = rec.job
+        if job is None:
+            return
+        job.abort(PeerFailure("op aborted"))
+        if not job.join(self.config.connect_timeout + 5.0):
+            log.error("op %d: lanes did not stop; input may not be restored", job.seq)
+        job.restore()
+
+    def _send_quietly(self, msg: object) -> None:
+        try:
+            self._send(msg)
+        except PcclError:
+            pass  # the fatal failure is raised by the next wait
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Leave gracefully (the master drops this peer) and free every socket and thread."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._fail(InvalidUsage("the communicator is closed"))
+            self._cond.notify_all()
+        if self._control is not None:
+            self._control.close(final=m.Leave())
+        self._links.close()
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> "Communicator":
+        if self._control is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Communicator(peer {self._peer_id}, group {self.peer_group}, revision {self._revision}, "
+                f"ring {list(self._ring)})")
+
+
+class AllReduceHandle:
+    """A collective running in its own thread. ``wait()`` may be called again after it finished."""
+
+    def __init__(self, comm: Communicator, prepared: _Op) -> None:
+        self._result: ReduceInfo | None = None
+        self._error: BaseException | None = None
+        self._deadline = prepared.deadline
+        self._comm = comm
+        self._thread = threading.Thread(target=self._main, args=(prepared,), name="pccl-async-op", daemon=True)
+        self._thread.start()
+
+    def _main(self, prepared: _Op) -> None:
+        try:
+            self._result = self._comm._run(prepared)
+        except BaseException as exc:
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        """Return the op's ReduceInfo or raise its error; PcclTimeout if ``timeout`` passes first
+        (the op keeps running; call wait again)."""
+        if timeout is None:
+            c = self._comm.config
+            timeout = max(self._deadline - time.monotonic(), 0.0) + c.op_timeout + c.peer_timeout + 10.0
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise PcclTimeout("the collective is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result

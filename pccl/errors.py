@@ -1,0 +1,64 @@
+"""The one error hierarchy of pccl.
+
+Every failure a user can see is a :class:`PcclError`. Each subclass says what happened and the
+message says what to do. Network input never raises anything else (no KeyError/TypeError from a
+malformed frame): decoders turn every defect into :class:`ProtocolError`.
+"""
+from __future__ import annotations
+
+
+class PcclError(Exception):
+    """Base class of every pccl error."""
+
+
+class PeerFailure(PcclError):
+    """A peer died, left or a link broke during (or before) an operation.
+
+    The caller's input is unchanged. Call ``update_topology()`` and retry.
+    """
+
+
+class Aborted(PcclError):
+    """The master aborted the operation (another participant failed or timed out).
+
+    The caller's input is unchanged. Call ``update_topology()`` and retry.
+    """
+
+
+class PcclTimeout(PcclError, TimeoutError):
+    """A deadline passed before the operation could finish."""
+
+
+class MasterUnreachable(PcclError):
+    """The master did not answer within the configured timeout (it died or the network is cut)."""
+
+
+class Kicked(PcclError):
+    """The master removed this peer (it was declared dead, broke the protocol, or left)."""
+
+
+class ProtocolError(PcclError):
+    """A malformed, oversized or incompatible message or frame."""
+
+
+class InvalidUsage(PcclError):
+    """Wrong call order, or arguments that disagree across peers (count, dtype, op)."""
+
+
+#: Errors after which ``update_topology()`` and a retry of the same call is the right move.
+RETRYABLE = (PeerFailure, Aborted)
+
+# Names used on the wire for errors the master reports to peers (see transports.messages).
+ERROR_KINDS: dict[str, type[PcclError]] = {
+    "peer_failure": PeerFailure,
+    "aborted": Aborted,
+    "timeout": PcclTimeout,
+    "invalid_usage": InvalidUsage,
+    "protocol": ProtocolError,
+    "kicked": Kicked,
+}
+
+
+def error_from_kind(kind: str, message: str) -> PcclError:
+    """Build the local exception for an error kind sent by the master."""
+    return ERROR_KINDS.get(kind, Aborted)(message)

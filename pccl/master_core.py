@@ -1,0 +1,347 @@
+"""The master's protocol logic as a pure state machine (no sockets, threads or clocks).
+
+How it works
+1. The shell feeds every decoded message as ``handle(conn, msg, now)``, every transport disconnect
+   as ``disconnected(conn, now)``, every undecodable message as ``protocol_error(conn, why, now)``,
+   and calls ``tick(now)`` no later than ``next_deadline()``. Each returns a list of ``Send``
+   actions for the shell to execute. ``conn`` is the transport's opaque routing key.
+2. Membership: a registering peer is *pending*. It becomes *accepted* when every live accepted peer
+   has voted ``update_topology`` (vacuously true when there is none, so the first peer is admitted
+   at once). A commit builds the new world: live accepted peers in ring order, then the pending
+   ones in join order; dead peers are dropped; the world revision goes up by one. The accepted
+   set changes only at a commit.
+3. A peer that dies (heartbeat timeout, transport disconnect, protocol violation) or leaves is
+   marked dead at once: every open op it takes part in is aborted, its group is marked *dirty*
+   (the ring has a hole and links may hold stale bytes) and it stops counting as a voter. A dirty
+   group runs no collective until the next commit. An aborted op also dirties its group.
+4. Collectives: peers announce (tag, kind, count, dtype, op, ...). When every live member of the
+   group announced the tag, the master checks that the arguments agree, assigns a sequence number
+   and the participants (ring order) and sends ``Commence``. Disagreement fails the op everywhere
+   with ``invalid_usage``. Each participant reports ``OpReport``; the master sends one ``Verdict``
+   per op: commit once all reported ok, abort as soon as one failed or died.
+5. While any member of a group waits in ``update_topology``, that group's announcements fail with
+   ``aborted`` (their callers retry after updating the topology too), so the two never deadlock.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from pccl.config import Config
+from pccl.transports import messages as m
+
+log = logging.getLogger(__name__)
+
+Conn = Hashable
+
+
+@dataclass(frozen=True)
+class Send:
+    conn: Conn
+    msg: object
+
+
+@dataclass
+class PeerRec:
+    peer_id: int
+    conn: Conn
+    group: int
+    host: str
+    port: int
+    locality: str
+    name: str
+    accepted: bool = False
+    alive: bool = True
+    voted: bool = False
+    last_seen: float = 0.0
+
+
+@dataclass
+class OpRec:
+    seq: int
+    group: int
+    tag: int
+    participants: tuple[int, ...]
+    reported_ok: set[int] = field(default_factory=set)
+
+
+_AGREE = ("kind", "count", "dtype", "op", "algorithm", "quantization")
+
+
+class MasterCore:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.revision = 0
+        self.peers: dict[int, PeerRec] = {}  # by peer id
+        self.by_conn: dict[Conn, int] = {}
+        self.ring: list[int] = []  # accepted peer ids in ring order (all groups interleaved)
+        self.dirty: dict[int, str] = {}  # group -> reason it needs a topology update
+        self.announced: dict[tuple[int, int], dict[int, m.Announce]] = {}
+        self.ops: dict[int, OpRec] = {}
+        self.next_seq = 1
+        self.next_id = 1
+        self.last_sent: dict[Conn, float] = {}
+        self.decided = 0  # verdicts issued (for stats)
+
+    # ------------------------------------------------------------------ entry points
+    def handle(self, conn: Conn, msg: object, now: float) -> list[Send]:
+        out: list[Send] = []
+        pid = self.by_conn.get(conn)
+        if isinstance(msg, m.StatusQuery):
+            self._send(out, conn, m.StatusReply(req=msg.req, text=self.status_text()), now)
+            return out
+        if pid is None:
+            if isinstance(msg, m.Register):
+                self._register(conn, msg, now, out)
+            elif not isinstance(msg, (m.Leave, m.Heartbeat)):
+                self._send(out, conn, m.Kicked(reason="unknown peer: register first (or you were removed)"), now)
+            elif isinstance(msg, m.Heartbeat):
+                self._send(out, conn, m.Kicked(reason="unknown peer: you were removed; register again"), now)
+            return out
+        peer = self.peers[pid]
+        if not peer.alive:
+            self._send(out, conn, m.Kicked(reason="you were declared dead; register again"), now)
+            return out
+        peer.last_seen = now
+        if isinstance(msg, m.Heartbeat):
+            pass
+        elif isinstance(msg, m.Leave):
+            self._kill(peer, f"peer {pid} left", now, out, notify=False)
+        elif isinstance(msg, m.PendingQuery):
+            pending = any(p.alive and not p.accepted for p in self.peers.values())
+            self._send(out, conn, m.PendingReply(req=msg.req, pending=pending), now)
+        elif isinstance(msg, m.VoteTopology):
+            self._vote(peer, now, out)
+        elif isinstance(msg, m.Announce):
+            self._announce(peer, msg, now, out)
+        elif isinstance(msg, m.Withdraw):
+            self._withdraw(peer, msg, now, out)
+        elif isinstance(msg, m.OpReport):
+            self._report(peer, msg, now, out)
+        elif isinstance(msg, m.Register):
+            self._kill(peer, f"peer {pid} registered twice", now, out, notify=True)
+        else:
+            self._kill(peer, f"peer {pid} sent {type(msg).__name__}, which peers may not send", now, out, notify=True)
+        return out
+
+    def disconnected(self, conn: Conn, now: float) -> list[Send]:
+        out: list[Send] = []
+        pid = self.by_conn.get(conn)
+        if pid is not None and self.peers[pid].alive:
+            self._kill(self.peers[pid], f"peer {pid} disconnected", now, out, notify=False)
+        self.last_sent.pop(conn, None)
+        return out
+
+    def protocol_error(self, conn: Conn, why: str, now: float) -> list[Send]:
+        out: list[Send] = []
+        pid = self.by_conn.get(conn)
+        if pid is not None and self.peers[pid].alive:
+            self._kill(self.peers[pid], f"peer {pid} broke the protocol: {why}", now, out, notify=True)
+        else:
+            self._send(out, conn, m.Kicked(reason=f"protocol error: {why}"), now)
+        return out
+
+    def tick(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        for peer in list(self.peers.values()):
+            if peer.alive and now - peer.last_seen > self.config.peer_timeout:
+                self._kill(peer, f"peer {peer.peer_id} missed heartbeats for {now - peer.last_seen:.1f}s",
+                           now, out, notify=True)
+        for peer in self.peers.values():
+            if peer.alive and now - self.last_sent.get(peer.conn, -1e18) >= self.config.heartbeat_interval:
+                self._send(out, peer.conn, m.Heartbeat(), now)
+        return out
+
+    def next_deadline(self) -> float:
+        t = float("inf")
+        for peer in self.peers.values():
+            if peer.alive:
+                t = min(t, peer.last_seen + self.config.peer_timeout,
+                        self.last_sent.get(peer.conn, -1e18) + self.config.heartbeat_interval)
+        return t
+
+    # ------------------------------------------------------------------ helpers
+    def _send(self, out: list[Send], conn: Conn, msg: object, now: float) -> None:
+        out.append(Send(conn, msg))
+        if conn in self.by_conn:
+            self.last_sent[conn] = now
+
+    def live_members(self, group: int | None = None) -> list[PeerRec]:
+        """Accepted live peers in ring order, optionally of one group."""
+        res = [self.peers[p] for p in self.ring if self.peers[p].alive]
+        return res if group is None else [p for p in res if p.group == group]
+
+    def _register(self, conn: Conn, msg: m.Register, now: float, out: list[Send]) -> None:
+        pid = self.next_id
+        self.next_id += 1
+        peer = PeerRec(pid, conn, msg.group, msg.data_host, msg.data_port, msg.locality, msg.name,
+                       last_seen=now)
+        self.peers[pid] = peer
+        self.by_conn[conn] = pid
+        self._send(out, conn, m.Registered(peer_id=pid, accepted=False), now)
+        log.info("peer %d registered (group %d, %s:%d, pending)", pid, msg.group, msg.data_host, msg.data_port)
+        self._maybe_commit(now, out)
+
+    def _kill(self, peer: PeerRec, reason: str, now: float, out: list[Send], notify: bool) -> None:
+        """Mark a peer dead at once; its ops abort and its group needs a topology update."""
+        log.info("%s", reason)
+        if notify:
+            self._send(out, peer.conn, m.Kicked(reason=reason), now)
+        peer.alive = False
+        self.by_conn.pop(peer.conn, None)
+        self.last_sent.pop(peer.conn, None)
+        if not peer.accepted:
+            del self.peers[peer.peer_id]
+        else:
+            self._dirty(peer.group, f"{reason}; call update_topology and retry", "peer_failure", now, out)
+            for op in list(self.ops.values()):
+                if peer.peer_id in op.participants:
+                    self._decide(op, False, "peer_failure", f"op {op.seq} aborted: {reason}", now, out)
+        self._maybe_commit(now, out)
+
+    def _dirty(self, group: int, reason: str, kind: str, now: float, out: list[Send]) -> None:
+        self.dirty.setdefault(group, reason)
+        self._fail_announcements(group, kind, self.dirty[group], now, out)
+
+    def _fail_announcements(self, group: int, kind: str, reason: str, now: float, out: list[Send]) -> None:
+        for key in [k for k in self.announced if k[0] == group]:
+            for pid in self.announced.pop(key):
+                p = self.peers.get(pid)
+                if p is not None and p.alive:
+                    self._send(out, p.conn, m.OpFailed(tag=key[1], kind=kind, message=reason), now)
+
+    def _vote(self, peer: PeerRec, now: float, out: list[Send]) -> None:
+        if not peer.accepted:
+            self._kill(peer, f"peer {peer.peer_id} voted on the topology before it was accepted", now, out, notify=True)
+            return
+        peer.voted = True
+        for op in list(self.ops.values()):
+            if peer.peer_id in op.participants:
+                self._decide(op, False, "aborted",
+                             f"op {op.seq} aborted: peer {peer.peer_id} called update_topology during it", now, out)
+        self._fail_announcements(peer.group, "aborted",
+                                 f"peer {peer.peer_id} is waiting in update_topology; call update_topology and retry",
+                                 now, out)
+        self._maybe_commit(now, out)
+
+    def _maybe_commit(self, now: float, out: list[Send]) -> None:
+        voters = self.live_members()
+        pending = [p for p in self.peers.values() if p.alive and not p.accepted]
+        if voters:
+            if not all(p.voted for p in voters):
+                return
+        elif not pending:
+            return
+        # Commit: survivors keep their ring order, newcomers join in registration order.
+        for pid in [p for p in self.ring if not self.peers[p].alive]:
+            del self.peers[pid]
+        self.ring = [p.peer_id for p in voters] + [p.peer_id for p in sorted(pending, key=lambda p: p.peer_id)]
+        self.revision += 1
+        self.dirty.clear()
+        for pid in self.ring:
+            p = self.peers[pid]
+            p.accepted = True
+            p.voted = False
+        topo = m.Topology(revision=self.revision, members=tuple(
+            m.Member(peer_id=p.peer_id, group=p.group, host=p.host, port=p.port, locality=p.locality)
+            for p in (self.peers[i] for i in self.ring)))
+        log.info("topology revision %d: ring %s", self.revision, self.ring)
+        for pid in self.ring:
+            self._send(out, self.peers[pid].conn, topo, now)
+
+    def _announce(self, peer: PeerRec, msg: m.Announce, now: float, out: list[Send]) -> None:
+        def refuse(kind: str, why: str) -> None:
+            self._send(out, peer.conn, m.OpFailed(tag=msg.tag, kind=kind, message=why), now)
+
+        if not peer.accepted:
+            return refuse("invalid_usage", "this peer is not accepted yet")
+        g = peer.group
+        if g in self.dirty:
+            return refuse("peer_failure", self.dirty[g])
+        members = self.live_members(g)
+        voter = next((p for p in members if p.voted), None)
+        if voter is not None:
+            return refuse("aborted", f"peer {voter.peer_id} is waiting in update_topology; "
+                                     "call update_topology and retry")
+        key = (g, msg.tag)
+        waiting = self.announced.setdefault(key, {})
+        busy = any(op.tag == msg.tag and peer.peer_id in op.participants for op in self.ops.values())
+        if peer.peer_id in waiting or busy:
+            return refuse("invalid_usage", f"tag {msg.tag} is already in flight on this peer")
+        in_flight = sum(peer.peer_id in a for a in self.announced.values()) + sum(
+            peer.peer_id in op.participants for op in self.ops.values())
+        if in_flight >= self.config.max_in_flight:
+            return refuse("invalid_usage", f"at most {self.config.max_in_flight} collectives may be in flight")
+        waiting[peer.peer_id] = msg
+        if any(p.peer_id not in waiting for p in members):
+            return
+        del self.announced[key]
+        first = waiting[members[0].peer_id]
+        for name in _AGREE:
+            values = {pid: getattr(a, name) for pid, a in waiting.items()}
+            if len(set(values.values())) > 1:
+                shown = ", ".join(f"peer {pid}: {v}" for pid, v in sorted(values.items()))
+                why = f"peers disagree on {name} for tag {msg.tag} ({shown})"
+                for pid in waiting:
+                    self._send(out, self.peers[pid].conn, m.OpFailed(tag=msg.tag, kind="invalid_usage", message=why), now)
+                return
+        seq = self.next_seq
+        self.next_seq += 1
+        parts = tuple(p.peer_id for p in members)
+        self.ops[seq] = OpRec(seq, g, msg.tag, parts)
+        log.debug("op %d (tag %d, %s of %d %s) commences on %s", seq, msg.tag, first.kind, first.count, first.dtype, parts)
+        cm = m.Commence(tag=msg.tag, seq=seq, revision=self.revision, participants=parts)
+        for pid in parts:
+            self._send(out, self.peers[pid].conn, cm, now)
+
+    def _withdraw(self, peer: PeerRec, msg: m.Withdraw, now: float, out: list[Send]) -> None:
+        waiting = self.announced.get((peer.group, msg.tag))
+        if waiting is not None and waiting.pop(peer.peer_id, None) is not None:
+            if not waiting:
+                del self.announced[(peer.group, msg.tag)]
+            return
+        for op in list(self.ops.values()):
+            if op.tag == msg.tag and peer.peer_id in op.participants:
+                self._decide(op, False, "aborted",
+                             f"op {op.seq} aborted: peer {peer.peer_id} gave up waiting (deadline passed)", now, out)
+
+    def _report(self, peer: PeerRec, msg: m.OpReport, now: float, out: list[Send]) -> None:
+        op = self.ops.get(msg.seq)
+        if op is None or peer.peer_id not in op.participants:
+            return  # stale report of an op already decided
+        if not msg.ok:
+            kind = "peer_failure" if msg.kind == "peer_failure" else "aborted"
+            self._decide(op, False, kind, f"op {op.seq} aborted: peer {peer.peer_id} failed: {msg.message}", now, out)
+            return
+        op.reported_ok.add(peer.peer_id)
+        if op.reported_ok.issuperset(op.participants):
+            self._decide(op, True, "", "", now, out)
+
+    def _decide(self, op: OpRec, ok: bool, kind: str, why: str, now: float, out: list[Send]) -> None:
+        """Issue the single verdict of ``op`` to every live participant."""
+        del self.ops[op.seq]
+        self.decided += 1
+        if not ok:
+            log.info("%s", why)
+            self._dirty(op.group, why + "; call update_topology and retry", "aborted", now, out)
+        v = m.Verdict(seq=op.seq, ok=ok, kind=kind, message=why)
+        for pid in op.participants:
+            p = self.peers.get(pid)
+            if p is not None and p.alive:
+                self._send(out, p.conn, v, now)
+
+    # ------------------------------------------------------------------ introspection
+    def status_text(self) -> str:
+        lines = [f"revision {self.revision}; {len(self.ops)} collectives open; {self.decided} decided"]
+        groups = sorted({p.group for p in self.peers.values()})
+        for g in groups:
+            ring = [str(p.peer_id) for p in self.live_members(g)]
+            lines.append(f"group {g}: ring {' -> '.join(ring) if ring else '(empty)'}"
+                         + (f" [needs update_topology: {self.dirty[g]}]" if g in self.dirty else ""))
+        lines.append("peer  group  state     address              locality  name")
+        for p in sorted(self.peers.values(), key=lambda p: p.peer_id):
+            state = ("dead" if not p.alive else "accepted" if p.accepted else "pending") + ("*" if p.voted else "")
+            lines.append(f"{p.peer_id:<5} {p.group:<6} {state:<9} {p.host + ':' + str(p.port):<20} "
+                         f"{p.locality:<9} {p.name}")
+        return "\n".join(lines)

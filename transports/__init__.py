@@ -1,0 +1,1 @@
+"""Installed as ``pccl.transports``: control channel, data links, framing."""

@@ -1,0 +1,293 @@
+"""TCP data links: a listener that parks handshaken connections, and connections that each own a
+worker thread running queued jobs in FIFO order.
+
+How it works
+1. Every peer listens on one TCP port. An accepted connection must send a valid handshake within
+   ``connect_timeout``; the listener answers with an ack naming its own peer id and parks the
+   socket under (revision, connector id, index) until the communicator claims it. At most
+   ``max_half_open`` connections may be in handshake or parked; more are closed at once.
+2. The connector opens K sockets per directed link (one direction each: a socket only ever sends
+   or only ever receives), sends the handshake and checks the ack's peer id.
+3. Each :class:`Connection` owns a worker thread. Collectives submit one *lane program* per
+   connection; programs run in submission order, which every peer keeps identical (they are
+   submitted in the master's commence order), so frames of consecutive ops never interleave.
+4. ``abort()`` shuts a socket down, which wakes any thread blocked in send or receive on it. A
+   broken connection stays broken: links are rebuilt at the next topology update.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from typing import Callable
+
+from pccl.config import Config
+from pccl.errors import PcclTimeout, PeerFailure, ProtocolError
+from pccl.transports import framing
+
+log = logging.getLogger(__name__)
+
+Program = Callable[[socket.socket], None]
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; EOF raises PeerFailure."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerFailure("connection closed by the remote peer")
+        got += k
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Listener:
+    """Accepts data connections and parks them until claimed."""
+
+    def __init__(self, host: str, port: int, config: Config) -> None:
+        self.config = config
+        self.peer_id: int | None = None
+        self._sock = socket.create_server((host, port), backlog=128)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._cond = threading.Condition()
+        self._parked: dict[tuple[int, int, int], tuple[socket.socket, float]] = {}
+        self._half_open = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="pccl-listener", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        self._sock.settimeout(0.2)
+        while not self._closed:
+            try:
+                conn, _addr = self._sock.accept()
+            except socket.timeout:
+                self._expire()
+                continue
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.01)
+                continue
+            with self._cond:
+                over = self._half_open + len(self._parked) >= self.config.max_half_open
+                if not over:
+                    self._half_open += 1
+            if over:
+                log.warning("too many half-open data connections; dropping one")
+                conn.close()
+                continue
+            threading.Thread(target=self._handshake, args=(conn,), name="pccl-handshake", daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        parked = False
+        try:
+            conn.settimeout(self.config.connect_timeout)
+            hs = framing.decode_handshake(_recv_bytes(conn, framing.HANDSHAKE_SIZE))
+            if self.peer_id is None:
+                raise ProtocolError("this peer has no id yet")
+            conn.sendall(framing.encode_ack(self.peer_id))
+            conn.settimeout(None)
+            _tune(conn)
+            with self._cond:
+                key = (hs.revision, hs.peer_id, hs.index)
+                old = self._parked.pop(key, None)
+                if old is not None:
+                    old[0].close()
+                self._parked[key] = (conn, time.monotonic())
+                parked = True
+                self._cond.notify_all()
+        except (OSError, PeerFailure, ProtocolError) as exc:
+            log.info("dropped a data connection during handshake: %s", exc)
+        finally:
+            with self._cond:
+                self._half_open -= 1
+            if not parked:
+                conn.close()
+
+    def _expire(self) -> None:
+        """Close parked connections nobody claimed (stale revisions, slow or bogus connectors)."""
+        limit = time.monotonic() - max(self.config.topology_timeout, 30.0)
+        with self._cond:
+            for key in [k for k, (_, t) in self._parked.items() if t < limit]:
+                self._parked.pop(key)[0].close()
+
+    def drop_older(self, revision: int) -> None:
+        with self._cond:
+            for key in [k for k in self._parked if k[0] < revision]:
+                self._parked.pop(key)[0].close()
+
+    def claim(self, revision: int, peer_id: int, index: int, deadline: float) -> socket.socket:
+        key = (revision, peer_id, index)
+        with self._cond:
+            while key not in self._parked:
+                left = deadline - time.monotonic()
+                if self._closed:
+                    raise PeerFailure("the data listener is closed")
+                if left <= 0:
+                    raise PeerFailure(f"peer {peer_id} did not open data connection {index} in time")
+                self._cond.wait(min(left, 0.2))
+            return self._parked.pop(key)[0]
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._thread.join(2.0)
+        with self._cond:
+            for conn, _ in self._parked.values():
+                conn.close()
+            self._parked.clear()
+            self._cond.notify_all()
+
+
+def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, index: int,
+            config: Config) -> socket.socket:
+    """Open one outgoing data connection and complete the handshake (bounded by connect_timeout)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=config.connect_timeout)
+    except OSError as exc:
+        raise PeerFailure(f"cannot reach peer {expect_id} at {host}:{port}: {exc}") from exc
+    try:
+        sock.sendall(framing.encode_handshake(framing.Handshake(my_id, revision, index)))
+        got = framing.decode_ack(_recv_bytes(sock, framing.ACK_SIZE))
+        if got != expect_id:
+            raise PeerFailure(f"{host}:{port} is peer {got}, not peer {expect_id}")
+        sock.settimeout(None)
+        _tune(sock)
+        return sock
+    except (OSError, ProtocolError) as exc:
+        sock.close()
+        raise PeerFailure(f"handshake with peer {expect_id} failed: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
+class Connection:
+    """One socket and the worker thread that runs lane programs on it, one after another."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.broken: BaseException | None = None
+        self._queue: queue.SimpleQueue[tuple[Program, Callable[[BaseException | None], None]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name=f"pccl-lane-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, program: Program, done: Callable[[BaseException | None], None]) -> None:
+        """Queue ``program``; ``done(error_or_None)`` is called from the worker when it ends."""
+        self._queue.put((program, done))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            program, done = item
+            err: BaseException | None = self.broken
+            if err is None:
+                try:
+                    program(self.sock)
+                except BaseException as exc:  # reported to the op; the connection is unusable now
+                    err = exc if isinstance(exc, (PeerFailure, ProtocolError, PcclTimeout)) else (
+                        PeerFailure(f"data connection {self.name} failed: {exc}"))
+                    self.broken = err
+                    self.abort()
+            elif not isinstance(err, PeerFailure):
+                err = PeerFailure(f"data connection {self.name} is broken: {err}")
+            try:
+                done(err)
+            except Exception:  # a bug in a callback must not kill the lane
+                log.exception("lane completion callback failed")
+
+    def abort(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.abort()
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self.sock.close()
+
+
+class LinkSet:
+    """The data links of one world revision: K connections to the right neighbour (send only)
+    and K from the left neighbour (receive only)."""
+
+    def __init__(self, revision: int, right: int | None, left: int | None,
+                 send: list[Connection], recv: list[Connection]) -> None:
+        self.revision = revision
+        self.right = right
+        self.left = left
+        self.send = send
+        self.recv = recv
+
+    @classmethod
+    def empty(cls, revision: int) -> "LinkSet":
+        return cls(revision, None, None, [], [])
+
+    def abort(self) -> None:
+        for c in self.send + self.recv:
+            c.abort()
+
+    def close(self) -> None:
+        for c in self.send + self.recv:
+            c.close()
+
+
+def build_links(listener: Listener, revision: int, my_id: int, right: tuple[int, str, int], left: int,
+                k: int, config: Config, deadline: float) -> LinkSet:
+    """Open K connections to ``right`` (id, host, port) and claim K from ``left``.
+
+    Outgoing and incoming sides run concurrently so two neighbours never wait on each other.
+    Raises PeerFailure (everything opened so far is closed) if any connection fails.
+    """
+    rid, rhost, rport = right
+    out: list[socket.socket | None] = [None] * k
+    errors: list[BaseException] = []
+
+    def dial() -> None:
+        try:
+            for i in range(k):
+                out[i] = connect(rhost, rport, my_id, rid, revision, i, config)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=dial, name="pccl-dial", daemon=True)
+    t.start()
+    inc: list[socket.socket] = []
+    try:
+        for i in range(k):
+            inc.append(listener.claim(revision, left, i, deadline))
+    except BaseException as exc:
+        errors.append(exc)
+    t.join(max(deadline - time.monotonic(), 0.0) + config.connect_timeout)
+    if t.is_alive():
+        errors.append(PeerFailure(f"connecting to peer {rid} did not finish in time"))
+    if errors:
+        for s in inc + [s for s in out if s is not None]:
+            s.close()
+        err = errors[0]
+        raise err if isinstance(err, PeerFailure) else PeerFailure(f"building links failed: {err}") from err
+    send = [Connection(s, f"r{revision}-to{rid}-{i}") for i, s in enumerate(out) if s is not None]
+    recv = [Connection(s, f"r{revision}-from{left}-{i}") for i, s in enumerate(inc)]
+    return LinkSet(revision, rid, left, send, recv)

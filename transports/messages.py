@@ -1,0 +1,295 @@
+"""Control-plane messages and their one strict codec.
+
+How it works
+1. Every message is a frozen dataclass registered under a short type tag.
+2. On the wire a message is the msgpack array ``[PROTOCOL_VERSION, tag, {field: value}]``.
+3. ``decode`` checks the version, the tag, that the field set is exactly the dataclass's, and every
+   field's type (from the annotations: int, float, str, bool, bytes, tuple[T, ...], nested message
+   records). Any defect, including oversize input, raises ``ProtocolError`` and nothing else.
+
+Integers are non-negative and below 2**63 everywhere in this protocol; the codec enforces it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pccl.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+_INT_MAX = (1 << 63) - 1
+
+_REGISTRY: dict[str, type] = {}
+_RECORDS: set[type] = set()
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def message(tag: str):
+    """Register a frozen dataclass as a control message under ``tag``."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclass(frozen=True)(cls)
+        if tag in _REGISTRY:
+            raise RuntimeError(f"duplicate message tag {tag}")
+        cls.TAG = tag  # type: ignore[attr-defined]
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+def record(cls: type) -> type:
+    """Register a frozen dataclass that may appear nested inside messages."""
+    cls = dataclass(frozen=True)(cls)
+    _RECORDS.add(cls)
+    return cls
+
+
+# --------------------------------------------------------------------------- records
+@record
+class Member:
+    """One accepted peer as the topology describes it."""
+
+    peer_id: int
+    group: int
+    host: str
+    port: int
+    locality: str
+
+
+# --------------------------------------------------------------------------- peer -> master
+@message("register")
+class Register:
+    group: int
+    data_host: str
+    data_port: int
+    locality: str
+    name: str
+
+
+@message("heartbeat")
+class Heartbeat:
+    pass
+
+
+@message("leave")
+class Leave:
+    pass
+
+
+@message("pending_query")
+class PendingQuery:
+    req: int
+
+
+@message("vote_topology")
+class VoteTopology:
+    pass
+
+
+@message("announce")
+class Announce:
+    """A peer wants to run collective ``tag`` with these arguments (the master checks agreement)."""
+
+    tag: int
+    kind: str
+    count: int
+    dtype: str
+    op: str
+    algorithm: str
+    quantization: str
+
+
+@message("withdraw")
+class Withdraw:
+    """The peer gave up waiting for ``tag`` (its deadline passed)."""
+
+    tag: int
+
+
+@message("op_report")
+class OpReport:
+    """The peer's local part of op ``seq`` finished (ok) or failed (kind/message say why)."""
+
+    seq: int
+    ok: bool
+    kind: str
+    message: str
+
+
+@message("status_query")
+class StatusQuery:
+    req: int
+
+
+# --------------------------------------------------------------------------- master -> peer
+@message("registered")
+class Registered:
+    peer_id: int
+    accepted: bool
+
+
+@message("pending_reply")
+class PendingReply:
+    req: int
+    pending: bool
+
+
+@message("topology")
+class Topology:
+    """The new world: members in ring order (per group, order of appearance)."""
+
+    revision: int
+    members: tuple[Member, ...]
+
+
+@message("commence")
+class Commence:
+    tag: int
+    seq: int
+    revision: int
+    participants: tuple[int, ...]
+
+
+@message("op_failed")
+class OpFailed:
+    """Collective ``tag`` was refused before it commenced."""
+
+    tag: int
+    kind: str
+    message: str
+
+
+@message("verdict")
+class Verdict:
+    """The master's single decision on op ``seq``: commit (ok) or abort."""
+
+    seq: int
+    ok: bool
+    kind: str
+    message: str
+
+
+@message("kicked")
+class Kicked:
+    reason: str
+
+
+@message("status_reply")
+class StatusReply:
+    req: int
+    text: str
+
+
+Message = Any  # any registered message instance
+
+
+# --------------------------------------------------------------------------- codec
+def _hints(cls: type) -> dict[str, Any]:
+    h = _HINTS.get(cls)
+    if h is None:
+        h = typing.get_type_hints(cls)
+        h.pop("TAG", None)
+        _HINTS[cls] = h
+    return h
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a registered message (the inverse of :func:`decode`)."""
+    tag = getattr(type(msg), "TAG", None)
+    if tag is None or _REGISTRY.get(tag) is not type(msg):
+        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    return msgpack.packb([PROTOCOL_VERSION, tag, _to_wire(msg)], use_bin_type=True)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{path}: expected a map of fields")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if set(raw) != set(names):
+        missing = sorted(set(names) - set(raw))
+        extra = sorted(map(str, set(raw) - set(names)))
+        raise ProtocolError(f"{path}: fields do not match (missing {missing}, unexpected {extra})")
+    return cls(**{n: _check(raw[n], hints[n], f"{path}.{n}") for n in names})
+
+
+def _check(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is int:
+        if type(value) is not int or not 0 <= value <= _INT_MAX:
+            raise ProtocolError(f"{path}: expected a non-negative 63-bit int, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{path}: expected bool, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if type(value) is not float:
+            raise ProtocolError(f"{path}: expected float, got {type(value).__name__}")
+        return value
+    if hint is str:
+        if type(value) is not str:
+            raise ProtocolError(f"{path}: expected str, got {type(value).__name__}")
+        return value
+    if hint is bytes:
+        if type(value) is not bytes:
+            raise ProtocolError(f"{path}: expected bytes, got {type(value).__name__}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported tuple hint {hint}")
+        if type(value) is not list:
+            raise ProtocolError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_check(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if hint in _RECORDS:
+        return _build(hint, value, path)
+    raise TypeError(f"unsupported field type {hint!r} at {path}")
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(data: bytes, max_size: int = 1 << 20) -> Message:
+    """Parse one control message. Raises ``ProtocolError`` for any defect."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("control message must be bytes")
+    if len(data) > max_size:
+        raise ProtocolError(f"control message of {len(data)} bytes exceeds the {max_size}-byte cap")
+    try:
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
+            max_bin_len=max_size, max_str_len=max_size,
+            max_array_len=1 << 16, max_map_len=1 << 10, max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types for malformed input
+        raise ProtocolError(f"undecodable control message: {type(exc).__name__}: {exc}") from exc
+    if type(obj) is not list or len(obj) != 3:
+        raise ProtocolError("control message must be [version, type, fields]")
+    version, tag, body = obj
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if type(tag) is not str or tag not in _REGISTRY:
+        raise ProtocolError(f"unknown message type {tag!r}")
+    return _build(_REGISTRY[tag], body, tag)
+
+
+def registry() -> dict[str, type]:
+    return dict(_REGISTRY)
+
