@@ -1,0 +1,98 @@
+"""The ``pccl`` command: master, launch, bench, demo, status."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _master(args: argparse.Namespace) -> int:
+    import signal
+
+    from pccl.master import Master
+
+    master = Master(args.host, args.port)
+    master.bind()
+    print(f"pccl master listening on {master.address}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: master.close())
+    try:
+        master.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        master.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pccl.status import query_status
+
+    print(query_status(args.master, timeout=args.timeout))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from pccl.launch import launch
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("pccl launch: give a script to run, e.g. pccl launch -n 4 -- train.py", file=sys.stderr)
+        return 2
+    return launch(args.n, cmd, master=args.master, host=args.host)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pccl.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pccl.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pccl", description="fault-tolerant collective communication")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("master", help="run a master in the foreground")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=48148)
+    p.set_defaults(fn=_master)
+
+    p = sub.add_parser("launch", help="start a master (unless --master) and N local peers running a script")
+    p.add_argument("-n", type=int, required=True, help="number of peers")
+    p.add_argument("--master", default=None, help="use this master (host:port) instead of starting one")
+    p.add_argument("--host", default="127.0.0.1", help="where the started master listens")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py ARGS (a .py file runs with this Python)")
+    p.set_defaults(fn=_launch)
+
+    p = sub.add_parser("status", help="print the master's view of the run")
+    p.add_argument("--master", required=True)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(fn=_status)
+
+    p = sub.add_parser("bench", help="all-reduce bandwidth against torch.distributed gloo", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_bench)
+
+    p = sub.add_parser("demo", help="the main job: all-reduce under churn", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_demo)
+
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
