@@ -77,15 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(fn=_status)
 
-    p = sub.add_parser("bench", help="all-reduce bandwidth against torch.distributed gloo", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_bench)
+    p = sub.add_parser("bench", help="all-reduce bandwidth against torch.distributed gloo (see pccl bench -h)",
+                       add_help=False)
+    p.set_defaults(fn=_bench, rest=[])
 
-    p = sub.add_parser("demo", help="the main job: all-reduce under churn", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_demo)
+    p = sub.add_parser("demo", help="the main job: all-reduce under churn (see pccl demo -h)", add_help=False)
+    p.set_defaults(fn=_demo, rest=[])
 
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench and demo parse their own options: hand them everything after the subcommand.
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            if a in ("bench", "demo"):
+                args = parser.parse_args(argv[: i + 1])
+                args.rest = argv[i + 1:]
+                break
+            args = parser.parse_args(argv)
+            break
+    else:
+        args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -127,6 +127,7 @@ class Communicator:
         self._new_topology: m.Topology | None = None
         self._links = LinkSet.empty(0)
         self._links_ok = False
+        self._dead: set[int] = set()  # peers the master reported dead (ids are never reused)
         self._replies: dict[int, bool] = {}
         self._reqs = itertools.count(1)
         self._ops: dict[int, _Op] = {}  # by tag
@@ -185,6 +186,10 @@ class Communicator:
                     op.verdict = msg
                     if not msg.ok and op.job is not None:
                         op.job.abort(error_from_kind(msg.kind, msg.message))
+            elif isinstance(msg, m.PeerDown):
+                self._dead.add(msg.peer_id)
+                if self._listener is not None:
+                    self._listener.wake()
             elif isinstance(msg, m.Kicked):
                 self._fail(Kicked(f"the master removed this peer: {msg.reason}"))
             else:
@@ -303,7 +308,9 @@ class Communicator:
         right = next(mb for mb in topo.members if mb.peer_id == self._ring[(r + 1) % n])
         left = self._ring[(r - 1) % n]
         links = build_links(self._listener, topo.revision, me, (right.peer_id, right.host, right.port), left,
-                            self.connections, self.config, min(deadline, time.monotonic() + self.config.topology_timeout))
+                            self.connections, self.config,
+                            min(deadline, time.monotonic() + self.config.topology_timeout),
+                            abandoned=lambda: left in self._dead)
         with self._cond:
             if self._revision == topo.revision and self._failure is None:
                 self._links = links

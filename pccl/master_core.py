@@ -194,6 +194,9 @@ class MasterCore:
         if not peer.accepted:
             del self.peers[peer.peer_id]
         else:
+            down = m.PeerDown(peer_id=peer.peer_id, reason=reason)
+            for other in self.live_members():
+                self._send(out, other.conn, down, now)
             self._dirty(peer.group, f"{reason}; call update_topology and retry", "peer_failure", now, out)
             for op in list(self.ops.values()):
                 if peer.peer_id in op.participants:

@@ -128,17 +128,26 @@ class Listener:
             for key in [k for k in self._parked if k[0] < revision]:
                 self._parked.pop(key)[0].close()
 
-    def claim(self, revision: int, peer_id: int, index: int, deadline: float) -> socket.socket:
+    def claim(self, revision: int, peer_id: int, index: int, deadline: float,
+              abandoned: Callable[[], bool] = lambda: False) -> socket.socket:
+        """Wait for connection ``index`` of ``peer_id`` at ``revision``; give up at the deadline or
+        as soon as ``abandoned()`` says that peer is gone (call ``wake()`` when that changes)."""
         key = (revision, peer_id, index)
         with self._cond:
             while key not in self._parked:
                 left = deadline - time.monotonic()
                 if self._closed:
                     raise PeerFailure("the data listener is closed")
+                if abandoned():
+                    raise PeerFailure(f"peer {peer_id} died before opening its data connections")
                 if left <= 0:
                     raise PeerFailure(f"peer {peer_id} did not open data connection {index} in time")
                 self._cond.wait(min(left, 0.2))
             return self._parked.pop(key)[0]
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> None:
         self._closed = True
@@ -255,7 +264,8 @@ class LinkSet:
 
 
 def build_links(listener: Listener, revision: int, my_id: int, right: tuple[int, str, int], left: int,
-                k: int, config: Config, deadline: float) -> LinkSet:
+                k: int, config: Config, deadline: float,
+                abandoned: Callable[[], bool] = lambda: False) -> LinkSet:
     """Open K connections to ``right`` (id, host, port) and claim K from ``left``.
 
     Outgoing and incoming sides run concurrently so two neighbours never wait on each other.
@@ -277,7 +287,7 @@ def build_links(listener: Listener, revision: int, my_id: int, right: tuple[int,
     inc: list[socket.socket] = []
     try:
         for i in range(k):
-            inc.append(listener.claim(revision, left, i, deadline))
+            inc.append(listener.claim(revision, left, i, deadline, abandoned))
     except BaseException as exc:
         errors.append(exc)
     t.join(max(deadline - time.monotonic(), 0.0) + config.connect_timeout)

@@ -174,6 +174,14 @@ class Verdict:
     message: str
 
 
+@message("peer_down")
+class PeerDown:
+    """An accepted peer of the receiver's world died or left (links to it will never open)."""
+
+    peer_id: int
+    reason: str
+
+
 @message("kicked")
 class Kicked:
     reason: str

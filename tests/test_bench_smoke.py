@@ -1,0 +1,37 @@
+"""Smoke test of ``pccl bench``: N=2, a tiny buffer, one timed op; both systems appear in the table."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from pccl import bench
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (gloo)")
+
+
+def test_parse_size() -> None:
+    assert bench.parse_size("1") == 1 << 20
+    assert bench.parse_size("16M") == 16 << 20
+    assert bench.parse_size("64MiB") == 64 << 20
+    assert bench.parse_size("512K") == 512 << 10
+    assert bench.parse_size("1G") == 1 << 30
+    assert abs(bench.busbw(1 << 20, 1e-3, 2) - (1 << 20) / 1e-3 / 1e9) < 1e-12
+
+
+@pytest.mark.timeout(60)
+def test_bench_runs_both_systems(tmp_path, capsys) -> None:
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = bench.main(["--peers", "2", "--sizes", "64K", "--iters", "1", "--warmup", "1", "--repeats", "1",
+                     "--json", str(out_json), "--markdown", str(out_md), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pccl GB/s" in text and "gloo GB/s" in text and "64 KiB" in text
+    data = json.loads(out_json.read_text())
+    systems = {r["system"] for r in data["measurements"]}
+    assert systems == {"pccl", "gloo"}
+    row = data["summary"][0]
+    assert row["pccl_busbw_gbs"] > 0 and row["gloo_busbw_gbs"] > 0 and row["ratio"] > 0
+    md = out_md.read_text()
+    assert md.startswith("### `pccl bench --peers 2") and "| 2 | 64 KiB |" in md
