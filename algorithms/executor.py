@@ -27,7 +27,7 @@ from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
 from pccl.algorithms import kernels
 from pccl.algorithms.ring import RingPlan
 from pccl.transports import framing
-from pccl.transports.links import LinkSet, recv_exact
+from pccl.transports.links import Connection, LinkSet, recv_exact
 
 
 def send_frame(sock: socket.socket, header: bytes, payload: memoryview) -> None:
@@ -49,12 +49,15 @@ class RingJob:
     """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
-                 links: LinkSet, max_frame: int) -> None:
+                 links: LinkSet, max_frame: int, backup: np.ndarray | None = None) -> None:
+        """``backup`` (same shape and dtype as ``out``) is required when ``out is inp``."""
         self.plan, self.seq, self.op = plan, seq, op
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame
-        self.backup = np.empty_like(out) if out is inp and plan.world > 1 else None
+        if out is inp and plan.world > 1 and backup is None:
+            raise ValueError("an in-place ring job needs a backup buffer")
+        self.backup = backup if out is inp and plan.world > 1 else None
         self.touched: list[tuple[int, int]] = []
         self._cond = threading.Condition()
         self._recv_done = [0] * plan.lanes
@@ -134,7 +137,8 @@ class RingJob:
         pieces = plan.lane_pieces(lane)
         per_step = len(pieces)
 
-        def run(sock: socket.socket) -> None:
+        def run(conn: Connection) -> None:
+            sock = conn.sock
             i = 0
             for step in plan.steps:
                 src = self.inp if step.index == 0 else self.out
@@ -162,8 +166,8 @@ class RingJob:
         hdr_buf = bytearray(framing.FRAME_SIZE)
         hdr_view = memoryview(hdr_buf)
 
-        def run(sock: socket.socket) -> None:
-            scratch: np.ndarray | None = None
+        def run(conn: Connection) -> None:
+            sock = conn.sock
             for step in plan.steps:
                 for j in pieces:
                     self._check()
@@ -181,9 +185,7 @@ class RingJob:
                             self.backup[lo:hi] = target
                             self.touched.append((lo, hi))
                         if step.reduce:
-                            if scratch is None or scratch.size < hi - lo:
-                                scratch = np.empty(hi - lo, dtype=self.out.dtype)
-                            buf = scratch[: hi - lo]
+                            buf = conn.scratch(nbytes).view(self.out.dtype)
                             recv_exact(sock, _bytes(buf))
                             kernels.reduce_into(self.op, self.inp[lo:hi], buf, target)
                             if step.final:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pccl import tensors
+from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
 from pccl.enums import Algorithm, Quantization, ReduceOp
 from pccl.errors import (
@@ -69,6 +70,7 @@ class _Op:
         self.job: RingJob | None = None
         self.verdict: m.Verdict | None = None
         self.commit: Callable[[], None] | None = None  # writes a staged result into the user's dst
+        self.backup: np.ndarray | None = None  # pooled bytes holding the input of an in-place op
 
 
 def _resolve_master(master: str | None) -> str:
@@ -132,6 +134,7 @@ class Communicator:
         self._reqs = itertools.count(1)
         self._ops: dict[int, _Op] = {}  # by tag
         self._by_seq: dict[int, _Op] = {}
+        self._pool = BufferPool()
         self._listener: Listener | None = None
         self._control: ControlChannel | None = None
 
@@ -222,7 +225,11 @@ class Communicator:
                 raise PeerFailure("this peer's data links are down; call update_topology and retry")
             plan = ring.plan(op.inp.size, len(self._ring), self.rank, op.inp.dtype.itemsize,
                              self.config.pipeline_bytes, self.connections)
-            op.job = RingJob(plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes)
+            if op.out is op.inp:
+                op.backup = self._pool.take(op.inp.nbytes)
+            backup = None if op.backup is None else op.backup.view(op.inp.dtype)
+            op.job = RingJob(plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
+                             backup)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
@@ -426,6 +433,8 @@ class Communicator:
                 self._ops.pop(rec.tag, None)
                 if rec.commence is not None:
                     self._by_seq.pop(rec.commence.seq, None)
+            if rec.backup is not None and (rec.job is None or rec.job.join(0.0)):
+                self._pool.give(rec.backup)
         if rec.commit is not None:
             rec.commit()
         job = rec.job

@@ -23,13 +23,15 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from pccl.config import Config
 from pccl.errors import PcclTimeout, PeerFailure, ProtocolError
 from pccl.transports import framing
 
 log = logging.getLogger(__name__)
 
-Program = Callable[[socket.socket], None]
+Program = Callable[["Connection"], None]
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -193,10 +195,17 @@ class Connection:
         self.sock = sock
         self.name = name
         self.broken: BaseException | None = None
+        self._scratch = np.empty(0, dtype=np.uint8)
         self._queue: queue.SimpleQueue[tuple[Program, Callable[[BaseException | None], None]] | None] = (
             queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name=f"pccl-lane-{name}", daemon=True)
         self._thread.start()
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        """A byte buffer of at least ``nbytes`` reused across programs (only the worker uses it)."""
+        if self._scratch.size < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch[:nbytes]
 
     def submit(self, program: Program, done: Callable[[BaseException | None], None]) -> None:
         """Queue ``program``; ``done(error_or_None)`` is called from the worker when it ends."""
@@ -211,7 +220,7 @@ class Connection:
             err: BaseException | None = self.broken
             if err is None:
                 try:
-                    program(self.sock)
+                    program(self)
                 except BaseException as exc:  # reported to the op; the connection is unusable now
                     err = exc if isinstance(exc, (PeerFailure, ProtocolError, PcclTimeout)) else (
                         PeerFailure(f"data connection {self.name} failed: {exc}"))
