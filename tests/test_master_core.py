@@ -583,3 +583,455 @@ def test_reregistering_after_death_gets_a_new_id():
     topo = of(out, m.Topology)[0].msg
     assert [x.peer_id for x in topo.members] == [h.pid["a"], h.pid["b"]]
     assert old not in h.core.peers
+
+
+# =========================================================================== stateful test
+SCFG = Config(heartbeat_interval=0.5, peer_timeout=4.0, max_in_flight=3)
+BASE_ARGS = dict(kind="all_reduce", count=8, dtype="float32", op="sum", algorithm="ring", quantization="none")
+VARIANTS = [{}] * 7 + [{"count": 9}, {"dtype": "int32"}, {"op": "max"}]
+FORBIDDEN = [m.Registered(peer_id=1, accepted=True), m.Verdict(seq=1, ok=True, kind="", message=""),
+             m.Topology(revision=1, members=()), m.Kicked(reason="x"), m.PeerDown(peer_id=1, reason="x"),
+             m.Commence(tag=1, seq=1, revision=1, participants=(1,)), m.StatusReply(req=1, text="")]
+STRANGER_MSGS = [m.Heartbeat(), m.Leave(), m.VoteTopology(), m.PendingQuery(req=1), m.Withdraw(tag=1),
+                 m.OpReport(seq=1, ok=True, kind="", message=""), m.StatusQuery(req=2),
+                 m.Announce(tag=1, **BASE_ARGS)] + FORBIDDEN
+IDX = st.integers(0, 1 << 16)
+
+
+class SimPeer:
+    """A client as the master should see it: it only does what a real Communicator would."""
+
+    def __init__(self, conn: str, group: int, host: str, port: int, locality: str) -> None:
+        self.conn, self.group, self.host, self.port, self.locality = conn, group, host, port, locality
+        self.pid: int | None = None
+        self.state = "new"  # new -> pending -> accepted -> dead
+        self.voting = False
+        self.revision = 0
+        self.announced: dict[int, m.Announce] = {}  # waiting for Commence or OpFailed
+        self.ops: dict[int, dict] = {}  # commenced, waiting for the verdict
+        self.downs: set[int] = set()
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("pending", "accepted")
+
+    def busy_tags(self) -> set[int]:
+        return set(self.announced) | {o["tag"] for o in self.ops.values()}
+
+
+class MasterMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = MasterCore(SCFG)
+        self.now = 0.0
+        self.peers: dict[str, SimPeer] = {}
+        self.by_pid: dict[int, SimPeer] = {}
+        self.n = 0
+        self.revision = 0
+        self.members: tuple[int, ...] = ()  # the last topology, ring order
+        self.commenced: dict[int, dict] = {}
+        self.reports: dict[int, dict[int, bool]] = {}
+        self.verdict: dict[int, bool] = {}
+        self.decided: set[int] = set()
+        self.dirty: set[int] = set()
+
+    # ------------------------------------------------------------------ model helpers
+    def pick(self, cands: list[SimPeer], i: int) -> SimPeer | None:
+        cands = sorted(cands, key=lambda p: p.conn)
+        return cands[i % len(cands)] if cands else None
+
+    def with_state(self, *states: str) -> list[SimPeer]:
+        return [p for p in self.peers.values() if p.state in states]
+
+    def accepted_in(self, group: int) -> list[SimPeer]:
+        return [self.by_pid[pid] for pid in self.members
+                if self.by_pid[pid].state == "accepted" and self.by_pid[pid].group == group]
+
+    def mark_dead(self, p: SimPeer) -> None:
+        if p.state == "accepted":
+            self.dirty.add(p.group)
+            others = {q.pid for q in self.with_state("accepted") if q is not p}
+            self.expected_downs.append((p.pid, others))
+        p.state = "dead"
+        p.voting = False
+        p.announced.clear()
+        p.ops.clear()
+
+    # ------------------------------------------------------------------ one core call, checked
+    def step(self, call, refusal: tuple[str, int] | None = None) -> list[Send]:
+        core = self.core
+        pre_ring = list(core.ring)
+        pre_acc = {pid for pid, p in core.peers.items() if p.accepted}
+        pre_rev = core.revision
+        pre_ops = set(core.ops)
+        pre_decided = core.decided
+        self.topologies: list[m.Topology] = []
+        self.topo_recipients: list[int] = []
+        self.new_seqs: list[int] = []
+        self.refusal = refusal
+        self.refused: list[m.OpFailed] = []
+        self.expected_downs = getattr(self, "pending_downs", [])
+        self.pending_downs = []
+        out = call()  # the core must never raise
+        assert isinstance(out, list) and all(isinstance(s, Send) for s in out)
+        for s in out:
+            self.deliver(s, pre_ops)
+        self.check(pre_ring, pre_acc, pre_rev, pre_ops, pre_decided)
+        return out
+
+    def deliver(self, s: Send, pre_ops: set[int]) -> None:
+        msg = s.msg
+        peer = self.peers.get(s.conn)
+        if peer is None or peer.state == "dead":
+            assert isinstance(msg, (m.Kicked, m.StatusReply)), f"{msg!r} sent to {s.conn}, which is not a live peer"
+            return
+        if isinstance(msg, m.Registered):
+            assert peer.state == "new" and msg.accepted is False
+            assert msg.peer_id not in self.by_pid, "peer id reused"
+            peer.pid, peer.state = msg.peer_id, "pending"
+            self.by_pid[msg.peer_id] = peer
+        elif isinstance(msg, m.Topology):
+            self.on_topology(peer, msg)
+        elif isinstance(msg, m.Commence):
+            self.on_commence(peer, msg)
+        elif isinstance(msg, m.OpFailed):
+            assert msg.kind in ERROR_KINDS
+            if self.refusal == (s.conn, msg.tag) and not self.refused:
+                self.refused.append(msg)
+                return
+            assert msg.tag in peer.announced, f"OpFailed for tag {msg.tag} that {peer.conn} has not announced"
+            del peer.announced[msg.tag]
+        elif isinstance(msg, m.Verdict):
+            assert msg.seq in self.commenced, f"verdict for unknown op {msg.seq}"
+            assert msg.seq in pre_ops and msg.seq not in self.decided, f"second verdict for op {msg.seq}"
+            assert msg.seq in peer.ops, f"verdict for op {msg.seq} that {peer.conn} is not in"
+            assert self.verdict.setdefault(msg.seq, msg.ok) == msg.ok, f"op {msg.seq} got both verdicts"
+            if msg.ok:
+                parts = self.commenced[msg.seq]["participants"]
+                assert all(self.reports[msg.seq].get(pid) is True for pid in parts), "commit without all ok"
+            else:
+                assert msg.kind in ERROR_KINDS
+                self.dirty.add(self.commenced[msg.seq]["group"])
+            del peer.ops[msg.seq]
+        elif isinstance(msg, m.PeerDown):
+            assert peer.state == "accepted"
+            dead = self.by_pid.get(msg.peer_id)
+            assert dead is not None and dead.state == "dead", f"PeerDown for live peer {msg.peer_id}"
+            assert msg.peer_id not in peer.downs, "PeerDown sent twice"
+            peer.downs.add(msg.peer_id)
+        elif isinstance(msg, m.Kicked):
+            self.mark_dead(peer)
+        else:
+            assert isinstance(msg, (m.Heartbeat, m.PendingReply, m.StatusReply)), f"unexpected {msg!r}"
+
+    def on_topology(self, peer: SimPeer, msg: m.Topology) -> None:
+        if not self.topologies or msg.revision != self.topologies[-1].revision:
+            assert msg.revision == self.revision + 1, "revisions go up by one per commit"
+            survivors = [pid for pid in self.members if self.by_pid[pid].state == "accepted"]
+            newcomers = sorted(p.pid for p in self.with_state("pending"))
+            assert [x.peer_id for x in msg.members] == survivors + newcomers
+            for x in msg.members:
+                p = self.by_pid[x.peer_id]
+                assert (x.group, x.host, x.port, x.locality) == (p.group, p.host, p.port, p.locality)
+            if self.topologies:
+                assert sorted(self.topo_recipients) == sorted(self.members)
+            self.revision, self.members = msg.revision, tuple(survivors + newcomers)
+            self.topologies.append(msg)
+            self.topo_recipients = []
+            self.dirty.clear()
+        assert msg == self.topologies[-1]
+        assert peer.pid in self.members and peer.pid not in self.topo_recipients
+        self.topo_recipients.append(peer.pid)
+        assert peer.state in ("pending", "accepted")
+        peer.state, peer.voting, peer.revision = "accepted", False, msg.revision
+
+    def on_commence(self, peer: SimPeer, cm: m.Commence) -> None:
+        info = self.commenced.get(cm.seq)
+        if info is None:
+            g = peer.group
+            assert g not in self.dirty, f"op {cm.seq} commenced in group {g}, which needs a topology update"
+            group = self.accepted_in(g)
+            assert list(cm.participants) == [p.pid for p in group], "participants are the live group in ring order"
+            assert cm.revision == self.revision
+            anns = [p.announced.get(cm.tag) for p in group]
+            assert None not in anns, f"op {cm.seq} commenced before every live member announced tag {cm.tag}"
+            assert len(set(anns)) == 1, "commenced with disagreeing arguments"
+            assert not any(p.voting for p in group), "commenced while a member waits in update_topology"
+            info = self.commenced[cm.seq] = {"group": g, "tag": cm.tag, "participants": cm.participants,
+                                             "msg": cm, "got": set()}
+            self.reports[cm.seq] = {}
+            self.new_seqs.append(cm.seq)
+        assert cm == info["msg"]
+        assert peer.pid in cm.participants and peer.pid not in info["got"]
+        info["got"].add(peer.pid)
+        assert cm.tag in peer.announced
+        del peer.announced[cm.tag]
+        peer.ops[cm.seq] = {"tag": cm.tag, "reported": None}
+
+    def check(self, pre_ring, pre_acc, pre_rev, pre_ops, pre_decided) -> None:
+        core = self.core
+        # revisions only go up; membership changes only with a Topology
+        assert core.revision >= pre_rev and core.revision == self.revision
+        acc = {pid for pid, p in core.peers.items() if p.accepted}
+        if list(core.ring) != pre_ring or acc != pre_acc or core.revision != pre_rev:
+            assert self.topologies, "the accepted set changed without a Topology"
+        if self.topologies:
+            assert sorted(self.topo_recipients) == sorted(self.members)
+            assert list(core.ring) == list(self.members)
+        # live sets agree
+        assert {pid for pid, p in core.peers.items() if p.alive} == {p.pid for p in self.with_state("pending", "accepted")}
+        # a dead peer's missing vote never blocks; the first peer is never kept waiting
+        live_acc = self.with_state("accepted")
+        assert not (live_acc and all(p.voting for p in live_acc)), "every live peer voted but nothing committed"
+        assert live_acc or not self.with_state("pending"), "pending peers wait although nobody can vote"
+        # ops: every decided op decided once, and every live participant was told
+        assert set(core.ops) <= set(self.commenced)
+        newly = pre_ops - set(core.ops)
+        assert not (newly & self.decided)
+        assert core.decided == pre_decided + len(newly)
+        self.decided |= newly
+        for seq in self.new_seqs:
+            assert self.commenced[seq]["got"] == set(self.commenced[seq]["participants"])
+        for p in self.with_state("accepted"):
+            assert set(p.ops) <= set(core.ops), f"{p.conn} never got the verdict of {set(p.ops) - set(core.ops)}"
+        for seq in newly:
+            if any(self.by_pid[pid].alive for pid in self.commenced[seq]["participants"]):
+                assert seq in self.verdict
+        # announcements the master holds are exactly those the clients wait on
+        held = {(g, tag, pid) for (g, tag), d in core.announced.items() for pid in d}
+        waiting = {(p.group, tag, p.pid) for p in self.with_state("accepted") for tag in p.announced}
+        assert held == waiting
+        for p in self.with_state("accepted"):
+            for tag in p.announced:
+                assert not all(tag in q.announced for q in self.accepted_in(p.group)), "announced by all, not started"
+        # dirty groups as the model predicts
+        assert set(core.dirty) == self.dirty
+        # everyone accepted when a peer died heard about it
+        for dead, recipients in self.expected_downs:
+            for pid in recipients:
+                assert dead in self.by_pid[pid].downs, f"peer {pid} never heard that {dead} is down"
+        self.expected_downs = []
+
+    # ------------------------------------------------------------------ well-behaved clients
+    @initialize(group=st.integers(0, 1))
+    def first(self, group):
+        self.register(group)
+
+    @rule(group=st.integers(0, 1))
+    def register(self, group):
+        if len(self.with_state("pending", "accepted")) >= 7:
+            return
+        self.n += 1
+        conn = f"c{self.n}"
+        p = self.peers[conn] = SimPeer(conn, group, f"10.0.{group}.{self.n}", 1000 + self.n, f"site{group}")
+        self.step(lambda: self.core.handle(conn, m.Register(group=group, data_host=p.host, data_port=p.port,
+                                                            locality=p.locality, name=conn), self.now))
+        assert p.state in ("pending", "accepted")
+
+    @rule(i=IDX)
+    def heartbeat(self, i):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p:
+            assert self.step(lambda: self.core.handle(p.conn, m.Heartbeat(), self.now)) == []
+
+    @rule(i=IDX, req=st.integers(0, 10))
+    def pending_query(self, i, req):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p:
+            out = self.step(lambda: self.core.handle(p.conn, m.PendingQuery(req=req), self.now))
+            assert [s.msg for s in out] == [m.PendingReply(req=req, pending=bool(self.with_state("pending")))]
+
+    @rule(i=IDX)
+    def status(self, i):
+        conn = self.pick(list(self.peers.values()), i).conn if self.peers and i % 2 else "status-cli"
+        out = self.step(lambda: self.core.handle(conn, m.StatusQuery(req=i), self.now))
+        assert len(out) == 1 and out[0].msg.req == i and f"revision {self.revision}" in out[0].msg.text
+
+    @rule(i=IDX)
+    def vote(self, i):
+        p = self.pick([q for q in self.with_state("accepted") if not q.voting], i)
+        if p:
+            p.voting = True
+            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(), self.now))
+            assert not p.announced and not p.ops  # its own announcements and ops were failed
+
+    @rule(i=IDX, tag=st.integers(0, 3), variant=st.integers(0, len(VARIANTS) - 1))
+    def announce(self, i, tag, variant):
+        p = self.pick([q for q in self.with_state("accepted") if not q.voting and tag not in q.busy_tags()
+                       and len(q.busy_tags()) < SCFG.max_in_flight], i)
+        if not p:
+            return
+        msg = m.Announce(tag=tag, **{**BASE_ARGS, **VARIANTS[variant]})
+        expect = ("peer_failure" if p.group in self.dirty else
+                  "aborted" if any(q.voting for q in self.accepted_in(p.group)) else None)
+        p.announced[tag] = msg
+        out = self.step(lambda: self.core.handle(p.conn, msg, self.now))
+        if expect:
+            got = [s.msg for s in out if s.conn == p.conn]
+            assert [(x.tag, x.kind) for x in got if isinstance(x, m.OpFailed)] == [(tag, expect)], got
+
+    @rule(i=IDX, j=IDX)
+    def withdraw(self, i, j):
+        p = self.pick([q for q in self.with_state("accepted") if q.busy_tags()], i)
+        if not p:
+            return
+        tag = sorted(p.busy_tags())[j % len(p.busy_tags())]
+        if tag in p.announced:
+            del p.announced[tag]
+            assert self.step(lambda: self.core.handle(p.conn, m.Withdraw(tag=tag), self.now)) == []
+        else:
+            (seq,) = [s for s, o in p.ops.items() if o["tag"] == tag]
+            self.step(lambda: self.core.handle(p.conn, m.Withdraw(tag=tag), self.now))
+            assert seq not in p.ops and self.verdict[seq] is False
+
+    @rule(i=IDX, j=IDX, ok=st.booleans(), kind=st.sampled_from(["peer_failure", "timeout", "protocol"]))
+    def report(self, i, j, ok, kind):
+        p = self.pick([q for q in self.with_state("accepted") if any(o["reported"] is None for o in q.ops.values())], i)
+        if not p:
+            return
+        seqs = sorted(s for s, o in p.ops.items() if o["reported"] is None)
+        seq = seqs[j % len(seqs)]
+        p.ops[seq]["reported"] = ok
+        self.reports[seq][p.pid] = ok
+        self.step(lambda: self.core.handle(p.conn, m.OpReport(seq=seq, ok=ok, kind="" if ok else kind,
+                                                              message="" if ok else "it broke"), self.now))
+        parts = self.commenced[seq]["participants"]
+        if not ok:
+            assert self.verdict.get(seq) is False and seq not in self.core.ops
+        elif all(self.reports[seq].get(pid) is True for pid in parts):
+            assert self.verdict.get(seq) is True and seq not in self.core.ops
+        else:
+            assert seq in self.core.ops
+
+    @rule(i=IDX)
+    def leave(self, i):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p:
+            self.mark_dead(p)
+            self.pending_downs = self.expected_downs
+            out = self.step(lambda: self.core.handle(p.conn, m.Leave(), self.now))
+            assert [s for s in out if s.conn == p.conn] == []
+
+    @rule(i=IDX)
+    def crash(self, i):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p:
+            self.mark_dead(p)
+            self.pending_downs = self.expected_downs
+            out = self.step(lambda: self.core.disconnected(p.conn, self.now))
+            assert [s for s in out if s.conn == p.conn] == []
+
+    @rule(i=IDX)
+    def heartbeat_timeout(self, i):
+        victim = self.pick(self.with_state("pending", "accepted"), i)
+        if not victim:
+            return
+        self.now += SCFG.peer_timeout + 0.25
+        for p in self.with_state("pending", "accepted"):
+            if p is not victim:
+                self.step(lambda: self.core.handle(p.conn, m.Heartbeat(), self.now))
+        out = self.step(lambda: self.core.tick(self.now))
+        assert victim.state == "dead"
+        assert [type(s.msg) for s in out if s.conn == victim.conn] == [m.Kicked]
+        # every other live peer was quiet for a while from the master's side: it gets a heartbeat
+        for p in self.with_state("pending", "accepted"):
+            assert any(isinstance(s.msg, m.Heartbeat) for s in out if s.conn == p.conn)
+
+    @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5]))
+    def advance(self, dt):
+        self.now += dt
+        self.step(lambda: self.core.tick(self.now))
+        d = self.core.next_deadline()
+        assert (d == math.inf) == (not self.with_state("pending", "accepted"))
+
+    # ------------------------------------------------------------------ misbehaviour: the core must cope
+    @rule(which=st.sampled_from(STRANGER_MSGS))
+    def stranger(self, which):
+        self.n += 1
+        conn = f"s{self.n}"
+        before = dict(self.core.peers)
+        out = self.step(lambda: self.core.handle(conn, which, self.now))
+        assert all(s.conn == conn for s in out)
+        assert self.core.peers == before and conn not in self.core.by_conn
+
+    @rule(i=IDX)
+    def dead_peer_speaks(self, i):
+        p = self.pick(self.with_state("dead"), i)
+        if p:
+            out = self.step(lambda: self.core.handle(p.conn, m.Heartbeat(), self.now))
+            assert [(s.conn, type(s.msg)) for s in out] == [(p.conn, m.Kicked)]
+
+    @rule(i=IDX)
+    def pending_votes(self, i):
+        p = self.pick(self.with_state("pending"), i)
+        if p:
+            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(), self.now))
+            assert p.state == "dead"
+
+    @rule(i=IDX, which=st.sampled_from(FORBIDDEN + [m.Register(group=0, data_host="h", data_port=1,
+                                                                locality="", name="twice")]))
+    def forbidden_message(self, i, which):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p:
+            self.step(lambda: self.core.handle(p.conn, which, self.now))
+            assert p.state == "dead"
+
+    @rule(i=IDX, stranger=st.booleans())
+    def protocol_violation(self, i, stranger):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        conn = "garbage-sender" if stranger or not p else p.conn
+        out = self.step(lambda: self.core.protocol_error(conn, "bad frame", self.now))
+        assert [type(s.msg) for s in out if s.conn == conn] == [m.Kicked]
+        if p and not stranger:
+            assert p.state == "dead"
+
+    @rule(i=IDX, seq=st.integers(0, 40), ok=st.booleans())
+    def foreign_report(self, i, seq, ok):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p and seq not in p.ops:
+            out = self.step(lambda: self.core.handle(p.conn, m.OpReport(seq=seq, ok=ok, kind="", message=""), self.now))
+            assert out == []
+
+    @rule(i=IDX, tag=st.integers(0, 6))
+    def withdraw_unknown(self, i, tag):
+        p = self.pick(self.with_state("pending", "accepted"), i)
+        if p and tag not in p.busy_tags():
+            assert self.step(lambda: self.core.handle(p.conn, m.Withdraw(tag=tag), self.now)) == []
+
+    @rule(i=IDX, j=IDX)
+    def duplicate_announce(self, i, j):
+        p = self.pick([q for q in self.with_state("accepted") if q.busy_tags()], i)
+        if not p:
+            return
+        tag = sorted(p.busy_tags())[j % len(p.busy_tags())]
+        outstanding = tag in p.announced
+        self.step(lambda: self.core.handle(p.conn, m.Announce(tag=tag, **BASE_ARGS), self.now),
+                  refusal=(p.conn, tag))
+        assert len(self.refused) == 1, "a duplicate announcement must be refused"
+        if outstanding:
+            assert self.refused[0].kind == "invalid_usage"
+
+    @rule(i=IDX)
+    def pending_announces(self, i):
+        p = self.pick(self.with_state("pending"), i)
+        if p:
+            out = self.step(lambda: self.core.handle(p.conn, m.Announce(tag=0, **BASE_ARGS), self.now))
+            assert [(type(s.msg), s.msg.kind) for s in out] == [(m.OpFailed, "invalid_usage")]
+
+    # ------------------------------------------------------------------ the end: everyone dies
+    def teardown(self) -> None:
+        for p in self.with_state("pending", "accepted"):
+            self.mark_dead(p)
+            self.pending_downs = self.expected_downs
+            self.step(lambda: self.core.disconnected(p.conn, self.now))
+        assert self.core.ops == {}, "an op outlived all its participants"
+        assert not any(self.core.announced.values())
+        assert set(self.commenced) == self.decided, "some op was never decided"
+        assert self.core.next_deadline() == math.inf
+        assert not any(p.alive for p in self.core.peers.values())
+
+
+MasterMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=50, deadline=None,
+                                           suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.filter_too_much])
+test_master_stateful = MasterMachine.TestCase

@@ -1,0 +1,184 @@
+"""Communicator behaviour that needs no second process: argument checks, world size 1, async
+handles, tag rules (two communicators in threads of this process where a pair is needed)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pccl
+
+
+@pytest.fixture
+def master():
+    with pccl.Master("127.0.0.1", 0) as m:
+        yield m
+
+
+@pytest.fixture
+def solo(master):
+    with pccl.Communicator(master.address) as c:
+        yield c
+
+
+def pair(master):
+    a = pccl.Communicator(master.address).connect()
+    b = pccl.Communicator(master.address)
+    t = threading.Thread(target=b.connect)
+    t.start()
+    while not a.are_peers_pending():
+        time.sleep(0.01)
+    a.update_topology()
+    t.join(30)
+    assert a.world_size == b.world_size == 2
+    return a, b
+
+
+def both(fn_a, fn_b):
+    out = [None, None]
+    err = [None, None]
+
+    def run(i, fn):
+        try:
+            out[i] = fn()
+        except BaseException as exc:
+            err[i] = exc
+
+    ts = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate((fn_a, fn_b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return out, err
+
+
+def test_world_of_one_returns_the_input(solo):
+    assert solo.world_size == 1 and solo.rank == 0 and solo.topology == (solo.peer_id,)
+    x = np.arange(10, dtype=np.int32)
+    info = solo.all_reduce(x, op=pccl.ReduceOp.AVG)
+    assert np.array_equal(x, np.arange(10)) and info.world_size == 1
+    y = np.empty_like(x)
+    solo.all_reduce(x, dst=y)
+    assert np.array_equal(y, x)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: np.ones(4, dtype=np.complex64),
+    lambda: np.ones((4, 4), dtype=np.float32)[:, 1],
+    lambda: [1.0, 2.0],
+])
+def test_bad_buffers_raise_invalid_usage(solo, bad):
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(bad())
+
+
+def test_mismatched_src_dst_and_bad_arguments(solo):
+    x = np.ones(4, dtype=np.float32)
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(x, dst=np.ones(5, dtype=np.float32))
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(x, dst=np.ones(4, dtype=np.float64))
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(x, op="median")
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(x, tag=-1)
+    big = np.ones(8, dtype=np.float32)
+    with pytest.raises(pccl.InvalidUsage):
+        solo.all_reduce(big[:6], dst=big[2:])  # partial overlap
+
+
+def test_unimplemented_features_say_so(solo):
+    x = np.ones(4, dtype=np.float32)
+    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
+        solo.all_reduce(x, quantization=pccl.Quantization.UINT8)
+    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
+        solo.all_reduce(x, algorithm=pccl.Algorithm.STAR)
+
+
+def test_calls_after_close_raise(master):
+    c = pccl.Communicator(master.address).connect()
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(pccl.InvalidUsage):
+        c.all_reduce(np.ones(3, dtype=np.float32))
+
+
+def test_missing_master_address(monkeypatch):
+    monkeypatch.delenv("PCCL_MASTER", raising=False)
+    with pytest.raises(pccl.InvalidUsage):
+        pccl.Communicator()
+    with pytest.raises(pccl.InvalidUsage):
+        pccl.Communicator("nohostport")
+
+
+def test_unreachable_master_raises_instead_of_hanging():
+    cfg = pccl.Config(master_timeout=1.0, heartbeat_interval=0.2, peer_timeout=0.5)
+    c = pccl.Communicator("127.0.0.1:9", timeouts=cfg)  # nothing listens on the discard port
+    with pytest.raises(pccl.MasterUnreachable):
+        c.connect(timeout=20)
+    c.close()
+
+
+def test_async_ops_in_flight_with_distinct_tags(master):
+    a, b = pair(master)
+    try:
+        xs = {c: [np.full(1000 + i, float(c.peer_id * 10 + i), dtype=np.float32) for i in range(5)] for c in (a, b)}
+
+        def run(c):
+            hs = [c.all_reduce_async(x, tag=i) for i, x in enumerate(xs[c])]
+            with pytest.raises(pccl.InvalidUsage):
+                c.all_reduce_async(np.ones(3, dtype=np.float32), tag=0)  # tag 0 still in flight
+            with pytest.raises(pccl.InvalidUsage):
+                c.update_topology()  # collectives in flight
+            infos = [h.wait() for h in hs]
+            assert [h.wait() for h in hs] == infos  # wait() again returns the same result
+            return infos
+
+        (ia, ib), err = both(lambda: run(a), lambda: run(b))
+        assert err == [None, None], err
+        for i in range(5):
+            expect = float(a.peer_id * 10 + i + b.peer_id * 10 + i)
+            assert np.all(xs[a][i] == expect) and np.array_equal(xs[a][i], xs[b][i])
+            assert ia[i].world_size == 2 and ia[i].tx_bytes > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_peer_groups_reduce_separately(master):
+    a = pccl.Communicator(master.address, peer_group=0).connect()
+    others = [pccl.Communicator(master.address, peer_group=g) for g in (0, 1, 1)]
+    ts = [threading.Thread(target=o.connect) for o in others]
+    for t in ts:
+        t.start()
+    deadline = time.monotonic() + 30
+    while master.status().count("pending") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # let all three register
+    a.update_topology()
+    for t in ts:
+        t.join(30)
+    comms = [a] + others
+    try:
+        assert [c.world_size for c in comms] == [2, 2, 2, 2]
+        xs = [np.full(100, float(c.peer_group * 100 + i), dtype=np.float64) for i, c in enumerate(comms)]
+        errs = []
+
+        def run(c, x):
+            try:
+                c.all_reduce(x)
+            except BaseException as exc:
+                errs.append(exc)
+
+        ts = [threading.Thread(target=run, args=(c, x)) for c, x in zip(comms, xs)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert errs == []
+        assert xs[0][0] == xs[1][0] == 0 + 1
+        assert xs[2][0] == xs[3][0] == 102 + 103
+    finally:
+        for c in comms:
+            c.close()
