@@ -189,6 +189,7 @@ def _gloo_worker(conn: Connection, rank: int, n: int, init_method: str, dtype: s
     import torch
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # gloo reduces on its own thread; no OpenMP pool spinning next to pccl
     conn.send(("hello", rank, os.getpid()))
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=n,
                             timeout=datetime.timedelta(seconds=timeout))
@@ -396,6 +397,19 @@ def busbw(nbytes: int, seconds: float, n: int) -> float:
     return nbytes / seconds * 2 * (n - 1) / n / 1e9
 
 
+def _git_revision() -> str | None:
+    """The commit (and '-dirty') of the pccl source tree, when it is a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pccl bench",
                                 description="all-reduce bus bandwidth of pccl vs torch.distributed gloo, "
@@ -480,7 +494,7 @@ def format_markdown(rows: list[dict], command: str, meta: dict) -> str:
     out = [f"### `{command}`", "",
            f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs); {meta['dtype']} SUM in place, "
            f"median of {meta['repeats']} interleaved repeats x {meta['iters']} timed ops; busbw = S/t·2(N-1)/N "
-           f"(GB = 1e9 B); t = max over ranks; torch {meta.get('torch', '?')}", "",
+           f"(GB = 1e9 B); t = max over ranks; torch {meta.get('torch', '?')}; pccl {meta.get('pccl_git') or '?'}", "",
            "| " + " | ".join(_HEAD) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(_HEAD))) + "|"]
     out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(out) + "\n"
@@ -539,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": opts.warmup, "repeats": opts.repeats, "connections": opts.connections, "peers": opts.peers,
         "sizes_bytes": opts.sizes,
     }
+    meta["pccl_git"] = _git_revision()
     try:
         import numpy
 

@@ -8,7 +8,7 @@ import pytest
 
 from pccl import bench
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (gloo)")
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (gloo)")
 
 
 def test_parse_size() -> None:
@@ -20,7 +20,8 @@ def test_parse_size() -> None:
     assert abs(bench.busbw(1 << 20, 1e-3, 2) - (1 << 20) / 1e-3 / 1e9) < 1e-12
 
 
-@pytest.mark.timeout(60)
+@needs_torch
+@pytest.mark.timeout(120)  # ~10 s on a quiet 2-core VM; two `import torch` dominate
 def test_bench_runs_both_systems(tmp_path, capsys) -> None:
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
     rc = bench.main(["--peers", "2", "--sizes", "64K", "--iters", "1", "--warmup", "1", "--repeats", "1",
@@ -35,3 +36,16 @@ def test_bench_runs_both_systems(tmp_path, capsys) -> None:
     assert row["pccl_busbw_gbs"] > 0 and row["gloo_busbw_gbs"] > 0 and row["ratio"] > 0
     md = out_md.read_text()
     assert md.startswith("### `pccl bench --peers 2") and "| 2 | 64 KiB |" in md
+
+
+def test_correctness_guard_detects_a_wrong_element() -> None:
+    import numpy as np
+
+    n, iters = 3, 5
+    good = np.full(1000, bench._expected(n, iters), dtype=np.float32)
+    assert bench._expected(n, iters) == 6 * 3 ** 4
+    assert bench._check(good, n, iters, np) is None
+    bad = good.copy()
+    bad[123] += 1
+    problem = bench._check(bad, n, iters, np)
+    assert problem is not None and "index 123" in problem
