@@ -10,8 +10,9 @@ How it works
 3. The send program sends step 0 from the input and every later piece from the output as soon as
    the lane counter says the piece has arrived (and been reduced): sending overlaps receiving and
    reducing, piece by piece.
-4. In place (output is the input), every piece is copied to a backup before it is first
-   overwritten; ``restore()`` puts the caller's bytes back after an abort.
+4. In place (output is the input), a :class:`~pccl.algorithms.backup.Backup` copies the input
+   aside in overwrite order; a receive waits for its piece's copy before the first overwrite and
+   ``restore()`` puts the caller's bytes back after an abort.
 5. ``abort()`` records the reason and shuts the link's sockets, which ends every blocked program.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from pccl.enums import ReduceOp
 from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
 from pccl.algorithms import kernels
+from pccl.algorithms.backup import Backup
 from pccl.algorithms.ring import RingPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, recv_exact
@@ -49,8 +51,8 @@ class RingJob:
     """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
-                 links: LinkSet, max_frame: int, backup: np.ndarray | None = None) -> None:
-        """``backup`` (same shape and dtype as ``out``) is required when ``out is inp``."""
+                 links: LinkSet, max_frame: int, backup: Backup | None = None) -> None:
+        """``backup`` (of ``inp``, for this plan) is required when ``out is inp``."""
         self.plan, self.seq, self.op = plan, seq, op
         self.inp, self.out = inp, out
         self.links = links
@@ -116,8 +118,7 @@ class RingJob:
 
     def restore(self) -> None:
         if self.backup is not None:
-            for lo, hi in self.touched:
-                self.out[lo:hi] = self.backup[lo:hi]
+            self.backup.restore(self.touched)
 
     @property
     def tx_bytes(self) -> int:
@@ -182,7 +183,7 @@ class RingJob:
                                 f"{h.nbytes} B; expected op {self.seq} step {step.index} piece {j} {nbytes} B)")
                         target = self.out[lo:hi]
                         if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
-                            self.backup[lo:hi] = target
+                            self.backup.wait(lo, hi)
                             self.touched.append((lo, hi))
                         if step.reduce:
                             buf = conn.scratch(nbytes).view(self.out.dtype)

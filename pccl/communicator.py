@@ -32,6 +32,7 @@ from pccl.enums import Algorithm, Quantization, ReduceOp
 from pccl.errors import (
     InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
 )
+from pccl.algorithms import backup as backup_mod
 from pccl.algorithms import kernels, ring
 from pccl.algorithms.executor import RingJob
 from pccl.transports import messages as m
@@ -70,7 +71,7 @@ class _Op:
         self.job: RingJob | None = None
         self.verdict: m.Verdict | None = None
         self.commit: Callable[[], None] | None = None  # writes a staged result into the user's dst
-        self.backup: np.ndarray | None = None  # pooled bytes holding the input of an in-place op
+        self.backup: backup_mod.Backup | None = None  # copy of the input of an in-place op
 
 
 def _resolve_master(master: str | None) -> str:
@@ -223,16 +224,18 @@ class Communicator:
                                   f"{msg.participants}, this peer is at {self._revision} {self._ring}")
             if not self._links_ok:
                 raise PeerFailure("this peer's data links are down; call update_topology and retry")
-            plan = ring.plan(op.inp.size, len(self._ring), self.rank, op.inp.dtype.itemsize,
-                             self.config.pipeline_bytes, self.connections)
-            if op.out is op.inp:
-                op.backup = self._pool.take(op.inp.nbytes)
-            backup = None if op.backup is None else op.backup.view(op.inp.dtype)
+            plan = self._plan(op)
+            if op.backup is not None and op.backup.order != backup_mod.overwrite_order(plan):
+                raise PeerFailure("the ring changed after the op was announced")
             op.job = RingJob(plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
-                             backup)
+                             op.backup)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
+
+    def _plan(self, op: _Op) -> ring.RingPlan:
+        return ring.plan(op.inp.size, len(self._ring), self._ring.index(self.peer_id), op.inp.dtype.itemsize,
+                         self.config.pipeline_bytes, self.connections)
 
     # ------------------------------------------------------------------ waiting helpers
     def _check(self) -> None:
@@ -434,7 +437,7 @@ class Communicator:
                 if rec.commence is not None:
                     self._by_seq.pop(rec.commence.seq, None)
             if rec.backup is not None and (rec.job is None or rec.job.join(0.0)):
-                self._pool.give(rec.backup)
+                self._pool.give(rec.backup.store.view(np.uint8))
         if rec.commit is not None:
             rec.commit()
         job = rec.job
@@ -445,21 +448,28 @@ class Communicator:
         with self._cond:
             self._check()
             world = len(self._ring)
+            if world > 1 and rec.out is rec.inp:
+                store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
+                rec.backup = backup_mod.Backup(rec.inp, store, self._plan(rec))
         if world == 1:
             if rec.out is not rec.inp:
                 np.copyto(rec.out, rec.inp)
             kernels.finalize(rec.op, rec.out, 1)
             return 1
         self._send(rec.announce)
+        if rec.backup is not None:
+            rec.backup.run()  # overlaps the master round trip and the first ring steps
         with self._cond:
             try:
                 self._wait(lambda: rec.commence is not None or rec.refused is not None, rec.deadline,
                            f"commencement of collective tag {rec.tag} (every peer of the group must call it)")
-            except PcclTimeout:
+            except PcclError as exc:
+                rec.refused = exc  # under the lock: a late Commence now ignores this op
                 self._send_quietly(m.Withdraw(tag=rec.tag))
-                raise
             if rec.commence is None:
                 assert rec.refused is not None
+                if rec.backup is not None:
+                    rec.backup.cancel()
                 raise rec.refused
             seq = rec.commence.seq
         local: PcclError | None = rec.start_error

@@ -1,0 +1,63 @@
+"""Copies an in-place op's input aside, piece by piece, in the order the ring overwrites it.
+
+The caller's thread runs :meth:`Backup.run` right after announcing the op, so the copy overlaps
+the master round trip and the first ring steps instead of sitting on the receive path. A receive
+program calls :meth:`wait` before it first overwrites a piece; since the copy runs in overwrite
+order and memory copies are faster than the network, it rarely waits.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from pccl.errors import PeerFailure
+from pccl.algorithms.ring import RingPlan
+
+
+def overwrite_order(plan: RingPlan) -> list[tuple[int, int]]:
+    """Piece ranges of ``plan`` in the order its receives first overwrite them."""
+    order: list[tuple[int, int]] = []
+    for step in plan.steps:
+        if step.reduce or step.recv_chunk == plan.rank:
+            order.extend(plan.piece(step.recv_chunk, j) for j in range(plan.pieces))
+    return [r for r in order if r[1] > r[0]]
+
+
+class Backup:
+    def __init__(self, src: np.ndarray, store: np.ndarray, plan: RingPlan) -> None:
+        self.src = src
+        self.store = store  # same dtype and size as src
+        self.order = overwrite_order(plan)
+        self._index = {r: i for i, r in enumerate(self.order)}
+        self._done = 0
+        self._cond = threading.Condition()
+        self._cancelled = False
+
+    def run(self) -> None:
+        for i, (lo, hi) in enumerate(self.order):
+            if self._cancelled:
+                return
+            np.copyto(self.store[lo:hi], self.src[lo:hi])
+            with self._cond:
+                self._done = i + 1
+                self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Stop copying (the op failed before anything was overwritten) and wake waiters."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def wait(self, lo: int, hi: int) -> None:
+        """Block until [lo, hi) is safely copied."""
+        i = self._index[(lo, hi)]
+        with self._cond:
+            while self._done <= i:
+                if self._cancelled:
+                    raise PeerFailure("the op was abandoned before its input was backed up")
+                self._cond.wait(1.0)
+
+    def restore(self, ranges: list[tuple[int, int]]) -> None:
+        for lo, hi in ranges:
+            self.src[lo:hi] = self.store[lo:hi]
