@@ -29,6 +29,10 @@ def finalize(op: ReduceOp, x: np.ndarray, world: int) -> None:
         return
     if x.dtype.kind == "f":
         np.divide(x, x.dtype.type(world), out=x)
+    elif world > np.iinfo(x.dtype).max:  # the divisor does not fit the dtype: divide in int64
+        wide = x.astype(np.int64)
+        finalize(op, wide, world)
+        np.copyto(x, wide, casting="unsafe")
     elif x.dtype.kind == "u":
         np.floor_divide(x, x.dtype.type(world), out=x)
     else:  # signed: floor division, then round toward zero for negative inexact quotients

@@ -6,6 +6,7 @@ Every blocking call in pccl takes its deadline from a :class:`Config` (or an exp
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Mapping
@@ -47,8 +48,11 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise InvalidUsage(f"config {f.name} must be a positive number, got {v!r}")
+            if f.type in ("int", int):
+                if type(v) is not int or v <= 0:
+                    raise InvalidUsage(f"config {f.name} must be a positive int, got {v!r}")
+            elif type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+                raise InvalidUsage(f"config {f.name} must be a positive finite number, got {v!r}")
         if self.peer_timeout <= self.heartbeat_interval:
             raise InvalidUsage("config peer_timeout must be larger than heartbeat_interval")
 

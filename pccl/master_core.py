@@ -145,7 +145,7 @@ class MasterCore:
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
         for peer in list(self.peers.values()):
-            if peer.alive and now - peer.last_seen > self.config.peer_timeout:
+            if peer.alive and now - peer.last_seen >= self.config.peer_timeout:
                 self._kill(peer, f"peer {peer.peer_id} missed heartbeats for {now - peer.last_seen:.1f}s",
                            now, out, notify=True)
         for peer in self.peers.values():
@@ -268,14 +268,14 @@ class MasterCore:
             return refuse("aborted", f"peer {voter.peer_id} is waiting in update_topology; "
                                      "call update_topology and retry")
         key = (g, msg.tag)
-        waiting = self.announced.setdefault(key, {})
         busy = any(op.tag == msg.tag and peer.peer_id in op.participants for op in self.ops.values())
-        if peer.peer_id in waiting or busy:
+        if peer.peer_id in self.announced.get(key, {}) or busy:
             return refuse("invalid_usage", f"tag {msg.tag} is already in flight on this peer")
         in_flight = sum(peer.peer_id in a for a in self.announced.values()) + sum(
             peer.peer_id in op.participants for op in self.ops.values())
         if in_flight >= self.config.max_in_flight:
             return refuse("invalid_usage", f"at most {self.config.max_in_flight} collectives may be in flight")
+        waiting = self.announced.setdefault(key, {})
         waiting[peer.peer_id] = msg
         if any(p.peer_id not in waiting for p in members):
             return
