@@ -12,7 +12,7 @@ from pccl.transports import framing as f
 
 U64 = st.integers(0, (1 << 64) - 1)
 U32 = st.integers(0, (1 << 32) - 1)
-FUZZ = settings(max_examples=200, deadline=None)
+FUZZ = settings(max_examples=60, deadline=None)
 CAP = 1 << 20
 
 
@@ -53,7 +53,7 @@ def test_frame_round_trip(seq, step, piece, nbytes):
 
 # --------------------------------------------------------------------------- caps and fields
 @given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 62)))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_frame_nbytes_cap_is_enforced(nbytes, cap):
     blob = f.encode_frame(f.FrameHeader(1, 2, 3, nbytes))
     if nbytes <= cap:

@@ -93,7 +93,7 @@ def test_float_avg_divides(dtype, world):
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(data=st.data(), world=st.integers(2, 127))
 def test_integer_avg_truncates_toward_zero(dtype, data, world):
     info = np.iinfo(np.dtype(dtype))
@@ -121,7 +121,7 @@ def test_int64_extremes():
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data(), world=st.integers(2, 9))
 def test_integer_avg_is_wrapped_sum_then_truncated_division(dtype, data, world):
     """The ring's AVG: reduce with the kernel across ranks (wrapping), then finalize once."""
@@ -138,13 +138,11 @@ def test_integer_avg_is_wrapped_sum_then_truncated_division(dtype, data, world):
     assert [int(v) for v in acc] == want
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: kernels.finalize (algorithms/kernels.py) builds "
-                                       "x.dtype.type(world), which raises OverflowError when the world size "
-                                       "does not fit the dtype (int8 AVG with 128+ peers, uint8 with 256+)")
 @pytest.mark.parametrize("dtype,world", [("int8", 128), ("int8", 200), ("uint8", 256), ("int16", 40000)])
 def test_integer_avg_with_world_larger_than_dtype_max(dtype, world):
+    """Regression: finalize built x.dtype.type(world), an OverflowError for int8 AVG with 128+ peers."""
     info = np.iinfo(np.dtype(dtype))
-    values = [int(info.min), -1, 0, 1, int(info.max)]
+    values = sorted({int(info.min), int(info.min) + 1, -1, 0, 1, int(info.max)} & set(range(info.min, info.max + 1)))
     x = np.array(values, dtype=dtype)
     kernels.finalize(ReduceOp.AVG, x, world)
     assert [int(v) for v in x] == [trunc_div(v, world) for v in values]
