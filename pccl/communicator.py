@@ -72,6 +72,8 @@ class _Op:
         self.verdict: m.Verdict | None = None
         self.commit: Callable[[], None] | None = None  # writes a staged result into the user's dst
         self.backup: backup_mod.Backup | None = None  # copy of the input of an in-place op
+        self.revision = 0  # world revision when announced
+        self.plan: ring.RingPlan | None = None
 
 
 def _resolve_master(master: str | None) -> str:
@@ -219,23 +221,19 @@ class Communicator:
         op.commence = msg
         self._by_seq[msg.seq] = op
         try:
-            if msg.revision != self._revision or tuple(msg.participants) != self._ring:
-                raise PeerFailure(f"op {msg.seq} commenced for revision {msg.revision} "
-                                  f"{msg.participants}, this peer is at {self._revision} {self._ring}")
+            if msg.revision != op.revision or msg.revision != self._revision or \
+                    tuple(msg.participants) != self._ring:
+                raise PeerFailure(f"op {msg.seq} commenced for revision {msg.revision} {msg.participants}; "
+                                  f"it was announced at {op.revision}, this peer is at {self._revision} {self._ring}")
             if not self._links_ok:
                 raise PeerFailure("this peer's data links are down; call update_topology and retry")
-            plan = self._plan(op)
-            if op.backup is not None and op.backup.order != backup_mod.overwrite_order(plan):
-                raise PeerFailure("the ring changed after the op was announced")
-            op.job = RingJob(plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
+            if op.plan is None:
+                raise PeerFailure(f"op {msg.seq} commenced although this peer was alone when it announced it")
+            op.job = RingJob(op.plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
                              op.backup)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
-
-    def _plan(self, op: _Op) -> ring.RingPlan:
-        return ring.plan(op.inp.size, len(self._ring), self._ring.index(self.peer_id), op.inp.dtype.itemsize,
-                         self.config.pipeline_bytes, self.connections)
 
     # ------------------------------------------------------------------ waiting helpers
     def _check(self) -> None:
@@ -448,9 +446,13 @@ class Communicator:
         with self._cond:
             self._check()
             world = len(self._ring)
-            if world > 1 and rec.out is rec.inp:
-                store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
-                rec.backup = backup_mod.Backup(rec.inp, store, self._plan(rec))
+            rec.revision = self._revision
+            if world > 1:
+                rec.plan = ring.plan(rec.inp.size, world, self.rank, rec.inp.dtype.itemsize,
+                                     self.config.pipeline_bytes, self.connections)
+                if rec.out is rec.inp:
+                    store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
+                    rec.backup = backup_mod.Backup(rec.inp, store, rec.plan)
         if world == 1:
             if rec.out is not rec.inp:
                 np.copyto(rec.out, rec.inp)

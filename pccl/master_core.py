@@ -89,6 +89,8 @@ class MasterCore:
         out: list[Send] = []
         pid = self.by_conn.get(conn)
         if isinstance(msg, m.StatusQuery):
+            if pid is not None:
+                self.peers[pid].last_seen = now  # any message counts as a heartbeat
             self._send(out, conn, m.StatusReply(req=msg.req, text=self.status_text()), now)
             return out
         if pid is None:
