@@ -28,12 +28,13 @@ _POLL_CAP = 0.1  # seconds; bounds how long close() waits for the loop to notice
 class Master:
     """A pccl master.
 
-    ``Master(host, port=0)`` binds when started (port 0 picks a free port; see ``address``).
+    ``Master(host="127.0.0.1", port=0)`` binds when started (port 0, the default, picks a free port;
+    see ``address``; the CLI uses 48148).
     Use ``start()`` to serve in a background thread, ``serve_forever()`` to serve in the calling
     thread (the CLI), ``close()`` to stop; also a context manager.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 48148, config: Config | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: Config | None = None) -> None:
         self.host = host
         self.port = port
         self.config = resolve(config)

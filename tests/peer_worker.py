@@ -150,7 +150,6 @@ def loop(args) -> None:
         try:
             info = comm.all_reduce(buf, timeout=args.op_timeout)
         except pccl.PcclError as exc:
-            t1 = time.time()
             emit("op_fail", error=type(exc).__name__, message=str(exc), started=t0, restored=digest(buf) == before)
             if isinstance(exc, (pccl.Kicked, pccl.MasterUnreachable)):
                 emit("fatal", error=type(exc).__name__)

@@ -9,7 +9,6 @@ import time
 import pytest
 import zmq
 
-import pccl
 
 pytestmark = pytest.mark.timeout(240)
 
