@@ -484,20 +484,24 @@ class Communicator:
         if local is None:
             self._send_quietly(m.OpReport(seq=seq, ok=True, kind="", message=""))
         else:
-            kind = "peer_failure" if isinstance(local, PeerFailure) else "timeout" if isinstance(local, PcclTimeout) else "aborted"
+            kind = ("peer_failure" if isinstance(local, PeerFailure)
+                    else "timeout" if isinstance(local, PcclTimeout) else "aborted")
             self._send_quietly(m.OpReport(seq=seq, ok=False, kind=kind, message=str(local)))
             if rec.job is not None:
                 rec.job.abort(local)
         # The master decides once every participant reported or died; it stays alive (heartbeats)
         # or the control channel fails with MasterUnreachable, so this wait is bounded.
         verdict_deadline = max(rec.deadline, time.monotonic()) + self.config.op_timeout + self.config.peer_timeout
+        failure: PcclError | None = None
         with self._cond:
             try:
                 self._wait(lambda: rec.verdict is not None, verdict_deadline, f"the verdict on op {seq}")
             except PcclError as exc:
-                self._abort_restore(rec)
-                raise (local or exc) from None
+                failure = local or exc
             verdict = rec.verdict
+        if failure is not None or verdict is None:
+            self._abort_restore(rec)  # outside the lock: joining lanes may take a moment
+            raise failure or PcclTimeout(f"no verdict on op {seq}")
         if verdict.ok and local is None:
             return len(rec.commence.participants)
         self._abort_restore(rec)
