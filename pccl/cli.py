@@ -98,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pccl.errors import PcclError
+
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except PcclError as exc:
+        print(f"pccl {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
