@@ -515,7 +515,13 @@ class Communicator:
             return
         job.abort(PeerFailure("op aborted"))
         if not job.join(self.config.connect_timeout + 5.0):
-            log.error("op %d: lanes did not stop; input may not be restored", job.seq)
+            # Should never happen (shut-down sockets end every lane); if it does, this peer's
+            # buffers can no longer be trusted, so every later call fails loudly.
+            with self._cond:
+                self._fail(PcclError(f"op {job.seq}: data lanes did not stop after an abort, so its input "
+                                     "may not be restored; create a new Communicator"))
+                self._cond.notify_all()
+            return
         job.restore()
 
     def _send_quietly(self, msg: object) -> None:

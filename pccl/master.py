@@ -92,10 +92,10 @@ class Master:
         """Serve in the calling thread until ``close()`` (or KeyboardInterrupt)."""
         self.bind()
         self._run()
-        if self._error is not None:
-            raise self._error
+        self._raise_crash()
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop serving and free the sockets; re-raises an error that crashed the serving thread."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -106,6 +106,12 @@ class Master:
             if self._ctx is not None:
                 self._ctx.term()
             self._sock = self._mon = self._ctx = None
+        self._raise_crash()
+
+    def _raise_crash(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError("the pccl master loop crashed") from err
 
     def __enter__(self) -> "Master":
         return self.start()
@@ -114,6 +120,7 @@ class Master:
         self.close()
 
     def status(self) -> str:
+        self._raise_crash()
         return self.core.status_text()
 
     # ------------------------------------------------------------------ loop

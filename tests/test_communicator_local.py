@@ -182,3 +182,20 @@ def test_peer_groups_reduce_separately(master):
     finally:
         for c in comms:
             c.close()
+
+
+def test_a_crash_of_the_master_loop_is_raised_not_only_logged():
+    master = pccl.Master().start()
+
+    def broken(*args, **kwargs):
+        raise ValueError("bug")
+
+    master.core.handle = broken
+    c = pccl.Communicator(master.address, timeouts=pccl.Config(master_timeout=1.0, heartbeat_interval=0.2,
+                                                              peer_timeout=0.5))
+    with pytest.raises(pccl.MasterUnreachable):
+        c.connect(timeout=10)  # the master stops answering
+    c.close()
+    with pytest.raises(RuntimeError, match="crashed"):
+        master.status()
+    master.close()  # the error was raised once; closing still works
