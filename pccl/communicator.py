@@ -127,7 +127,6 @@ class Communicator:
         self._closed = False
         self._peer_id: int | None = None
         self._revision = 0
-        self._members: tuple[m.Member, ...] = ()
         self._ring: tuple[int, ...] = ()
         self._new_topology: m.Topology | None = None
         self._links = LinkSet.empty(0)
@@ -301,7 +300,6 @@ class Communicator:
             self._links = LinkSet.empty(topo.revision)
             self._links_ok = False
             self._revision = topo.revision
-            self._members = topo.members
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
         old.close()
         assert self._listener is not None

@@ -101,10 +101,7 @@ class MasterCore:
             elif isinstance(msg, m.Heartbeat):
                 self._send(out, conn, m.Kicked(reason="unknown peer: you were removed; register again"), now)
             return out
-        peer = self.peers[pid]
-        if not peer.alive:
-            self._send(out, conn, m.Kicked(reason="you were declared dead; register again"), now)
-            return out
+        peer = self.peers[pid]  # by_conn holds live peers only: a dead one is unknown above
         peer.last_seen = now
         if isinstance(msg, m.Heartbeat):
             pass

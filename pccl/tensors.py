@@ -56,8 +56,6 @@ def wrap(x: Any, what: str) -> Buffer:
             raise InvalidUsage(f"{what}: dtype {name} is not supported (use one of {sorted(SUPPORTED)})")
         if not x.is_contiguous():
             raise InvalidUsage(f"{what}: the tensor must be contiguous (call .contiguous())")
-        if x.requires_grad and what == "dst":
-            x = x.detach()
         ident = (x.data_ptr(), x.numel() * x.element_size())
         shape = tuple(x.shape)
         t = x.detach()
