@@ -16,11 +16,12 @@ from pccl.errors import (
     ProtocolError,
 )
 from pccl.master import Master
+from pccl.shared_state import SharedState, SyncInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Aborted", "Algorithm", "AllReduceHandle", "Communicator", "Config", "InvalidUsage", "Kicked", "Master",
     "MasterUnreachable", "PcclError", "PcclTimeout", "PeerFailure", "ProtocolError", "Quantization",
-    "RETRYABLE", "ReduceInfo", "ReduceOp", "SyncStrategy", "__version__",
+    "RETRYABLE", "ReduceInfo", "ReduceOp", "SharedState", "SyncInfo", "SyncStrategy", "__version__",
 ]

@@ -11,6 +11,11 @@ How it works
    waits for commence, waits for its local part, reports it, and waits for the master's single
    verdict: commit writes the result, abort restores the caller's input and raises.
 4. Fatal failures (kicked, master unreachable) fail every waiting call and every later call.
+5. ``sync_shared_state`` hashes the state, offers its bytes to the data listener and votes; the
+   master's plan says which keys to download from which holders (``transports.state_transfer``);
+   every participant serves until the master's ``SyncDone``.
+6. ``optimize_topology`` is a topology vote; while it waits, the master asks this peer to probe
+   the bandwidth to others (``transports.probe``, on an owned thread per probe).
 """
 from __future__ import annotations
 
@@ -28,14 +33,17 @@ import numpy as np
 from pccl import tensors
 from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
-from pccl.enums import Algorithm, Quantization, ReduceOp
+from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
     InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
 )
+from pccl.master_core import SYNC_TAG
+from pccl.shared_state import SharedState, SyncInfo, digest
 from pccl.algorithms import backup as backup_mod
 from pccl.algorithms import kernels, ring
 from pccl.algorithms.executor import RingJob
 from pccl.transports import messages as m
+from pccl.transports import framing, probe, state_transfer
 from pccl.transports.control import ControlChannel
 from pccl.transports.links import LinkSet, Listener, build_links
 
@@ -74,6 +82,15 @@ class _Op:
         self.backup: backup_mod.Backup | None = None  # copy of the input of an in-place op
         self.revision = 0  # world revision when announced
         self.plan: ring.RingPlan | None = None
+
+
+class _SyncWait:
+    """Book-keeping of the one shared-state sync in progress (guarded by the communicator's lock)."""
+
+    def __init__(self) -> None:
+        self.plan: m.SyncPlan | None = None
+        self.refused: PcclError | None = None
+        self.done = False
 
 
 def _resolve_master(master: str | None) -> str:
@@ -139,6 +156,10 @@ class Communicator:
         self._pool = BufferPool()
         self._listener: Listener | None = None
         self._control: ControlChannel | None = None
+        self._members: dict[int, m.Member] = {}
+        self._sync: _SyncWait | None = None
+        self._server = state_transfer.StateServer()
+        self._probes: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ properties
     @property
@@ -181,10 +202,24 @@ class Communicator:
                 self._replies[msg.req] = msg.pending
             elif isinstance(msg, m.Commence):
                 self._commence(msg)
+            elif isinstance(msg, m.OpFailed) and msg.tag == SYNC_TAG:
+                if self._sync is not None and self._sync.plan is None:
+                    self._sync.refused = error_from_kind(msg.kind, msg.message)
             elif isinstance(msg, m.OpFailed):
                 op = self._ops.get(msg.tag)
                 if op is not None and op.commence is None:
                     op.refused = error_from_kind(msg.kind, msg.message)
+            elif isinstance(msg, m.SyncPlan):
+                if self._sync is not None and self._sync.plan is None and self._sync.refused is None:
+                    self._sync.plan = msg
+                    self._server.bind(msg.seq)
+            elif isinstance(msg, m.SyncDone):
+                if self._sync is not None and self._sync.plan is not None and self._sync.plan.seq == msg.seq:
+                    self._sync.done = True
+            elif isinstance(msg, m.Probe):
+                t = threading.Thread(target=self._probe, args=(msg,), name="pccl-probe", daemon=True)
+                self._probes = [p for p in self._probes if p.is_alive()] + [t]
+                t.start()
             elif isinstance(msg, m.Verdict):
                 op = self._by_seq.get(msg.seq)
                 if op is not None:
@@ -274,6 +309,8 @@ class Communicator:
             self._listener = Listener(self.listen_host or host, 0, self.config)
         except OSError as exc:
             raise InvalidUsage(f"cannot listen for data connections on {host}: {exc}") from exc
+        self._listener.handle(framing.KIND_STATE, lambda s, hs: self._server.serve(s, hs, self.config))
+        self._listener.handle(framing.KIND_PROBE, lambda s, hs: probe.sink(s, hs, self.config))
         hello = m.Register(group=self.peer_group, data_host=host, data_port=self._listener.port,
                            locality=self.locality, name=self.name)
         self._control = ControlChannel(self.master, self.config, hello, self._on_message, self._on_failure)
@@ -301,6 +338,7 @@ class Communicator:
             self._links_ok = False
             self._revision = topo.revision
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
+            self._members = {mb.peer_id: mb for mb in topo.members}
         old.close()
         assert self._listener is not None
         self._listener.drop_older(topo.revision)
@@ -332,17 +370,38 @@ class Communicator:
         Raises InvalidUsage (async collectives still in flight), PcclTimeout, MasterUnreachable,
         Kicked, PeerFailure (a neighbour died while links were opened: call it again).
         """
+        self._vote_topology(False, timeout)
+
+    def optimize_topology(self, timeout: float | None = None) -> None:
+        """Like :meth:`update_topology`, and first measure the bandwidth of every directed pair of
+        the group not measured before (disjoint pairs in parallel, ``Config.probe_seconds`` each);
+        the master then orders the ring to maximise its slowest link. Every accepted peer must
+        call update_topology or optimize_topology; one optimize vote makes it an optimization.
+        Raises what update_topology raises.
+        """
+        self._vote_topology(True, timeout)
+
+    def _vote_topology(self, optimize: bool, timeout: float | None) -> None:
         deadline = time.monotonic() + (self.config.topology_timeout if timeout is None else timeout)
         with self._cond:
             self._check()
-            if self._ops:
+            if self._ops or self._sync is not None:
                 raise InvalidUsage("update_topology() while collectives are in flight; wait for them first")
             start = self._revision
-            self._send(m.VoteTopology())
+            self._send(m.VoteTopology(optimize=optimize))
             self._wait(lambda: self._new_topology is not None and self._new_topology.revision > start,
                        deadline, "the topology update (every accepted peer must call update_topology)")
             topo = self._new_topology
         self._apply(topo, deadline)
+
+    def _probe(self, msg: m.Probe) -> None:
+        try:
+            bps = probe.measure(msg.host, msg.port, self.peer_id, msg.target, msg.seconds, self.connections,
+                                self.config)
+        except PcclError as exc:
+            log.info("peer %s: %s", self._peer_id, exc)
+            bps = 0.0
+        self._send_quietly(m.ProbeResult(round=msg.round, target=msg.target, bytes_per_second=bps))
 
     def are_peers_pending(self, timeout: float | None = None) -> bool:
         """Whether peers wait to be admitted (then every accepted peer should call update_topology)."""
@@ -387,8 +446,8 @@ class Communicator:
             raise InvalidUsage(f"quantization {quantization.name} is not available yet; use Quantization.NONE")
         if algorithm not in (Algorithm.AUTO, Algorithm.RING):
             raise InvalidUsage(f"algorithm {algorithm.name} is not available yet; use AUTO or RING")
-        if type(tag) is not int or tag < 0 or tag >= 1 << 63:
-            raise InvalidUsage("tag must be a non-negative int")
+        if type(tag) is not int or tag < 0 or tag >= SYNC_TAG:
+            raise InvalidUsage(f"tag must be an int in 0..{SYNC_TAG - 1}")
         sb = tensors.wrap(src, "src")
         db = sb if dst is None else tensors.wrap(dst, "dst")
         if db.dtype != sb.dtype or db.array.size != sb.array.size:
@@ -416,6 +475,8 @@ class Communicator:
         rec.commit = commit
         with self._cond:
             self._check()
+            if self._sync is not None:
+                raise InvalidUsage("a collective was started while sync_shared_state runs")
             if tag in self._ops:
                 raise InvalidUsage(f"tag {tag} is already in flight on this peer")
             if len(self._ops) >= self.config.max_in_flight:
@@ -528,6 +589,103 @@ class Communicator:
         except PcclError:
             pass  # the fatal failure is raised by the next wait
 
+    # ------------------------------------------------------------------ shared state
+    def sync_shared_state(self, state: SharedState, strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+                          timeout: float | None = None) -> SyncInfo:
+        """Make ``state`` identical on every peer of the group; returns SyncInfo(tx, rx, revision).
+
+        Every peer of the group must call it. ``state.revision`` must be exactly one above the
+        revision of this object's previous sync (the first sync may start anywhere). The group
+        adopts the highest revision among the peers that may send and, per key, the content most
+        of them hold (ties: the smallest hash); outdated peers download only the keys that differ,
+        from all holders in parallel, verify each key's hash and adopt the group's revision.
+        ENFORCE_POPULAR peers vote, send and receive. If any peer uses SEND_ONLY, only SEND_ONLY
+        peers vote; a SEND_ONLY peer that would have to receive gets InvalidUsage. RECEIVE_ONLY
+        peers never vote; they receive (and serve keys they already hold).
+
+        Raises InvalidUsage (revision not advanced by one, key set/shape/dtype different from the
+        group's, strategy rules, collectives in flight: only this peer fails, the others go on),
+        PeerFailure (every holder of a key died: the state is lost on this peer, call
+        update_topology and sync again), Aborted, PcclTimeout, MasterUnreachable, Kicked. Keys
+        this peer was downloading may be partly overwritten when it fails; its revision then stays
+        unchanged, so the next sync repairs them.
+        """
+        if not isinstance(state, SharedState):
+            raise InvalidUsage(f"sync_shared_state takes a pccl.SharedState, got {type(state).__name__}")
+        try:
+            strategy = SyncStrategy(strategy)
+        except ValueError as exc:
+            raise InvalidUsage(str(exc)) from exc
+        deadline = time.monotonic() + (self.config.op_timeout if timeout is None else timeout)
+        views = state.views()
+        error = ""
+        if state.synced_revision is not None and state.revision != state.synced_revision + 1:
+            error = (f"the shared state revision must advance by exactly one per sync: it was "
+                     f"{state.synced_revision} at the last sync and is {state.revision} now")
+        keys = tuple(m.KeyRec(name=v.name, dtype=v.dtype, shape=v.shape, nbytes=v.nbytes,
+                              digest=b"" if error else digest(v.data), allow_inequality=v.allow_inequality)
+                     for v in views)
+        wait = _SyncWait()
+        with self._cond:
+            self._check()
+            if self._ops or self._sync is not None:
+                raise InvalidUsage("sync_shared_state() while collectives or another sync are in flight")
+            if len(self._ring) == 1:
+                if error:
+                    raise InvalidUsage(error)
+                state.synced_revision = state.revision
+                return SyncInfo(0, 0, state.revision)
+            self._sync = wait
+            if not error:
+                self._server.offer([v.data for v in views])
+            self._send(m.SyncVote(revision=state.revision, strategy=strategy.value, keys=keys, error=error))
+        try:
+            return self._finish_sync(state, views, wait, deadline)
+        finally:
+            self._server.withdraw()
+            with self._cond:
+                self._sync = None
+
+    def _finish_sync(self, state: SharedState, views: list, wait: _SyncWait, deadline: float) -> SyncInfo:
+        with self._cond:
+            try:
+                self._wait(lambda: wait.plan is not None or wait.refused is not None, deadline,
+                           "the shared-state election (every peer of the group must call sync_shared_state)")
+            except PcclError:
+                if wait.plan is None and wait.refused is None:
+                    self._send_quietly(m.Withdraw(tag=SYNC_TAG))
+                raise
+            if wait.refused is not None:
+                raise wait.refused
+            plan = wait.plan
+            addresses = {pid: (mb.host, mb.port) for pid, mb in self._members.items()}
+        assert plan is not None
+        rx, failure = 0, None
+        if plan.fetch:
+            items = [state_transfer.Item(views[f.key].name, f.key, views[f.key].data, f.digest, tuple(f.holders))
+                     for f in plan.fetch if f.key < len(views)]
+            try:
+                if len(items) != len(plan.fetch) or any(h not in addresses for f in plan.fetch for h in f.holders):
+                    raise PeerFailure("the master's sync plan names keys or peers this peer does not know")
+                rx = state_transfer.fetch(plan.seq, self.peer_id, items, addresses, self.connections, self.config,
+                                          deadline, lambda pid: pid in self._dead)
+            except PcclError as exc:
+                failure = exc
+            self._send_quietly(m.SyncReport(seq=plan.seq, ok=failure is None,
+                                            message="" if failure is None else str(failure)))
+        if not plan.final:
+            done_by = max(deadline, time.monotonic()) + self.config.op_timeout + self.config.peer_timeout
+            with self._cond:
+                self._wait(lambda: wait.done, done_by, f"the end of shared-state sync {plan.seq}")
+        if failure is not None:
+            raise failure
+        for f in plan.fetch:
+            if views[f.key].writeback is not None:
+                views[f.key].writeback()
+        state.revision = plan.revision
+        state.synced_revision = plan.revision
+        return SyncInfo(self._server.tx_bytes, rx, plan.revision)
+
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
         """Leave gracefully (the master drops this peer) and free every socket and thread."""
@@ -542,6 +700,8 @@ class Communicator:
         self._links.close()
         if self._listener is not None:
             self._listener.close()
+        for t in self._probes:
+            t.join(self.config.connect_timeout)
 
     def __enter__(self) -> "Communicator":
         if self._control is None:

@@ -44,6 +44,8 @@ class Config:
     max_half_open: int = 64
     #: Collectives in flight at once per communicator.
     max_in_flight: int = 16
+    #: Duration of one bandwidth probe of optimize_topology (one directed pair).
+    probe_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

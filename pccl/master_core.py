@@ -21,6 +21,15 @@ How it works
    per op: commit once all reported ok, abort as soon as one failed or died.
 5. While any member of a group waits in ``update_topology``, that group's announcements fail with
    ``aborted`` (their callers retry after updating the topology too), so the two never deadlock.
+6. Shared-state sync is announced like a collective (reserved tag ``SYNC_TAG``) with a
+   ``SyncVote``. Once every live member voted, the pure election (``pccl.sync_plan``) decides the
+   revision and every peer's downloads; peers with an error get ``OpFailed`` alone, the others a
+   ``SyncPlan``. Receivers report when done; a holder that dies does not fail the sync (receivers
+   refetch from the other holders). When every receiver reported or died, ``SyncDone`` releases
+   the holders.
+7. ``optimize_topology`` is a topology vote that first measures every unmeasured directed pair of
+   each group (rounds of disjoint pairs, ``Probe``/``ProbeResult``, each round bounded in time),
+   keeps the bandwidth matrix, and orders each group's ring to maximise its slowest link.
 """
 from __future__ import annotations
 
@@ -28,12 +37,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Hashable
 
+from pccl import sync_plan
+from pccl.algorithms import topology
 from pccl.config import Config
+from pccl.enums import SyncStrategy
 from pccl.transports import messages as m
 
 log = logging.getLogger(__name__)
 
 Conn = Hashable
+
+#: reserved tag of shared-state syncs (collective tags are below it)
+SYNC_TAG = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,9 @@ class PeerRec:
     accepted: bool = False
     alive: bool = True
     voted: bool = False
+    optimize: bool = False
     last_seen: float = 0.0
+    state_revision: int | None = None  # shared-state revision of its last sync
 
 
 @dataclass
@@ -64,6 +81,24 @@ class OpRec:
     tag: int
     participants: tuple[int, ...]
     reported_ok: set[int] = field(default_factory=set)
+
+
+@dataclass
+class SyncRec:
+    seq: int
+    participants: set[int]
+    receivers: set[int]
+    revision: int
+
+
+@dataclass
+class Measurement:
+    """An optimize_topology in progress: rounds of (src, dst) pairs, one round at a time."""
+
+    rounds: list[list[tuple[int, int]]]
+    index: int = -1
+    outstanding: set[tuple[int, int]] = field(default_factory=set)
+    deadline: float = float("inf")
 
 
 _AGREE = ("kind", "count", "dtype", "op", "algorithm", "quantization")
@@ -83,6 +118,9 @@ class MasterCore:
         self.next_id = 1
         self.last_sent: dict[Conn, float] = {}
         self.decided = 0  # verdicts issued (for stats)
+        self.syncs: dict[int, SyncRec] = {}
+        self.bandwidth: dict[tuple[int, int], float] = {}  # (src, dst) -> bytes/s, measured
+        self.measuring: Measurement | None = None
 
     # ------------------------------------------------------------------ entry points
     def handle(self, conn: Conn, msg: object, now: float) -> list[Send]:
@@ -111,9 +149,15 @@ class MasterCore:
             pending = any(p.alive and not p.accepted for p in self.peers.values())
             self._send(out, conn, m.PendingReply(req=msg.req, pending=pending), now)
         elif isinstance(msg, m.VoteTopology):
-            self._vote(peer, now, out)
+            self._vote(peer, msg.optimize, now, out)
         elif isinstance(msg, m.Announce):
             self._announce(peer, msg, now, out)
+        elif isinstance(msg, m.SyncVote):
+            self._sync_vote(peer, msg, now, out)
+        elif isinstance(msg, m.SyncReport):
+            self._sync_report(peer, msg, now, out)
+        elif isinstance(msg, m.ProbeResult):
+            self._probe_result(peer, msg, now, out)
         elif isinstance(msg, m.Withdraw):
             self._withdraw(peer, msg, now, out)
         elif isinstance(msg, m.OpReport):
@@ -150,10 +194,14 @@ class MasterCore:
         for peer in self.peers.values():
             if peer.alive and now - self.last_sent.get(peer.conn, -1e18) >= self.config.heartbeat_interval:
                 self._send(out, peer.conn, m.Heartbeat(), now)
+        if self.measuring is not None and now >= self.measuring.deadline:
+            log.info("bandwidth probes %s did not report in time", sorted(self.measuring.outstanding))
+            self.measuring.outstanding.clear()
+            self._next_round(now, out)
         return out
 
     def next_deadline(self) -> float:
-        t = float("inf")
+        t = self.measuring.deadline if self.measuring is not None else float("inf")
         for peer in self.peers.values():
             if peer.alive:
                 t = min(t, peer.last_seen + self.config.peer_timeout,
@@ -200,6 +248,15 @@ class MasterCore:
             for op in list(self.ops.values()):
                 if peer.peer_id in op.participants:
                     self._decide(op, False, "peer_failure", f"op {op.seq} aborted: {reason}", now, out)
+            for sync in list(self.syncs.values()):
+                sync.participants.discard(peer.peer_id)
+                if peer.peer_id in sync.receivers:
+                    sync.receivers.discard(peer.peer_id)
+                    self._maybe_finish_sync(sync, now, out)
+            if self.measuring is not None:
+                self.measuring.outstanding = {pr for pr in self.measuring.outstanding if peer.peer_id not in pr}
+                if not self.measuring.outstanding:
+                    self._next_round(now, out)
         self._maybe_commit(now, out)
 
     def _dirty(self, group: int, reason: str, kind: str, now: float, out: list[Send]) -> None:
@@ -213,11 +270,12 @@ class MasterCore:
                 if p is not None and p.alive:
                     self._send(out, p.conn, m.OpFailed(tag=key[1], kind=kind, message=reason), now)
 
-    def _vote(self, peer: PeerRec, now: float, out: list[Send]) -> None:
+    def _vote(self, peer: PeerRec, optimize: bool, now: float, out: list[Send]) -> None:
         if not peer.accepted:
             self._kill(peer, f"peer {peer.peer_id} voted on the topology before it was accepted", now, out, notify=True)
             return
         peer.voted = True
+        peer.optimize = peer.optimize or optimize
         for op in list(self.ops.values()):
             if peer.peer_id in op.participants:
                 self._decide(op, False, "aborted",
@@ -230,14 +288,25 @@ class MasterCore:
     def _maybe_commit(self, now: float, out: list[Send]) -> None:
         voters = self.live_members()
         pending = [p for p in self.peers.values() if p.alive and not p.accepted]
+        if self.measuring is not None:
+            return
         if voters:
             if not all(p.voted for p in voters):
                 return
+            if any(p.optimize for p in voters):
+                for p in voters:
+                    p.optimize = False
+                self._start_measuring(voters, now, out)
+                if self.measuring is not None:
+                    return
+                voters = self.live_members()
         elif not pending:
             return
-        # Commit: survivors keep their ring order, newcomers join in registration order.
+        # Commit: survivors keep their ring order (re-ordered by the last measurement when there
+        # was one), newcomers join in registration order.
         for pid in [p for p in self.ring if not self.peers[p].alive]:
             del self.peers[pid]
+        self.bandwidth = {k: v for k, v in self.bandwidth.items() if k[0] in self.peers and k[1] in self.peers}
         self.ring = [p.peer_id for p in voters] + [p.peer_id for p in sorted(pending, key=lambda p: p.peer_id)]
         self.revision += 1
         self.dirty.clear()
@@ -251,6 +320,147 @@ class MasterCore:
         log.info("topology revision %d: ring %s", self.revision, self.ring)
         for pid in self.ring:
             self._send(out, self.peers[pid].conn, topo, now)
+
+    # ------------------------------------------------------------------ optimize_topology
+    def _start_measuring(self, voters: list[PeerRec], now: float, out: list[Send]) -> None:
+        rounds: list[list[tuple[int, int]]] = []
+        for g in sorted({p.group for p in voters}):
+            ids = [p.peer_id for p in voters if p.group == g]
+            done = {(i, j) for i, a in enumerate(ids) for j, b in enumerate(ids) if (a, b) in self.bandwidth}
+            for r, pairs in enumerate(topology.measurement_rounds(len(ids), done)):
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].extend((ids[i], ids[j]) for i, j in pairs)
+        self.measuring = Measurement(rounds)
+        log.info("optimize_topology: measuring %d pairs in %d rounds", sum(map(len, rounds)), len(rounds))
+        self._next_round(now, out)
+
+    def _next_round(self, now: float, out: list[Send]) -> None:
+        ms = self.measuring
+        assert ms is not None
+        while not ms.outstanding:
+            ms.index += 1
+            if ms.index >= len(ms.rounds):
+                self.measuring = None
+                self._reorder()
+                self._maybe_commit(now, out)
+                return
+            for src, dst in ms.rounds[ms.index]:
+                a, b = self.peers.get(src), self.peers.get(dst)
+                if a is None or b is None or not (a.alive and b.alive):
+                    continue
+                ms.outstanding.add((src, dst))
+                self._send(out, a.conn, m.Probe(round=ms.index, target=dst, host=b.host, port=b.port,
+                                                seconds=self.config.probe_seconds), now)
+            ms.deadline = now + self.config.probe_seconds + 2 * self.config.connect_timeout + \
+                self.config.request_timeout
+
+    def _probe_result(self, peer: PeerRec, msg: m.ProbeResult, now: float, out: list[Send]) -> None:
+        ms = self.measuring
+        pair = (peer.peer_id, msg.target)
+        if ms is None or msg.round != ms.index or pair not in ms.outstanding:
+            return  # stale (its round timed out)
+        ms.outstanding.discard(pair)
+        bps = msg.bytes_per_second
+        if bps > 0 and bps != float("inf"):
+            self.bandwidth[pair] = bps
+        if not ms.outstanding:
+            self._next_round(now, out)
+
+    def _reorder(self) -> None:
+        """Re-order each group's live members in the ring to maximise the slowest link."""
+        live = self.live_members()
+        new_ring = list(self.ring)
+        for g in sorted({p.group for p in live}):
+            ids = [p.peer_id for p in live if p.group == g]
+            if len(ids) < 3:
+                continue  # every order of 1 or 2 peers is the same ring
+            bw = [[self.bandwidth.get((a, b), 0.0) for b in ids] for a in ids]
+            order = [ids[i] for i in topology.solve_ring(bw)]
+            slots = [i for i, pid in enumerate(new_ring) if pid in set(ids)]
+            for slot, pid in zip(slots, order):
+                new_ring[slot] = pid
+            log.info("group %d: ring ordered by bandwidth: %s", g, order)
+        self.ring = new_ring
+
+    # ------------------------------------------------------------------ shared-state sync
+    def _sync_vote(self, peer: PeerRec, msg: m.SyncVote, now: float, out: list[Send]) -> None:
+        def refuse(kind: str, why: str) -> None:
+            self._send(out, peer.conn, m.OpFailed(tag=SYNC_TAG, kind=kind, message=why), now)
+
+        if not peer.accepted:
+            return refuse("invalid_usage", "this peer is not accepted yet")
+        g = peer.group
+        if g in self.dirty:
+            return refuse("peer_failure", self.dirty[g])
+        members = self.live_members(g)
+        voter = next((p for p in members if p.voted), None)
+        if voter is not None:
+            return refuse("aborted", f"peer {voter.peer_id} is waiting in update_topology; "
+                                     "call update_topology and retry")
+        key = (g, SYNC_TAG)
+        if peer.peer_id in self.announced.get(key, {}) or any(
+                peer.peer_id in s.participants for s in self.syncs.values()):
+            return refuse("invalid_usage", "a shared-state sync is already in flight on this peer")
+        waiting = self.announced.setdefault(key, {})
+        waiting[peer.peer_id] = msg
+        if any(p.peer_id not in waiting for p in members):
+            return
+        del self.announced[key]
+        votes: dict[int, sync_plan.Vote] = {}
+        for pid, v in waiting.items():
+            error = v.error
+            if not error:
+                try:
+                    strategy = SyncStrategy(v.strategy)
+                except ValueError:
+                    error = f"unknown sync strategy {v.strategy!r}"
+            if error:
+                self._send(out, self.peers[pid].conn, m.OpFailed(tag=SYNC_TAG, kind="invalid_usage", message=error),
+                           now)
+                continue
+            votes[pid] = sync_plan.Vote(strategy, v.revision, tuple(
+                sync_plan.KeyVote(k.name, k.dtype, k.shape, k.nbytes, k.digest, k.allow_inequality) for k in v.keys))
+        if not votes:
+            return
+        plan = sync_plan.elect(votes)
+        seq = self.next_seq
+        self.next_seq += 1
+        ok = {pid for pid, o in plan.outcomes.items() if not o.error}
+        receivers = {pid for pid in ok if plan.outcomes[pid].fetch}
+        if receivers:
+            self.syncs[seq] = SyncRec(seq, set(ok), set(receivers), plan.revision)
+        for pid, o in plan.outcomes.items():
+            p = self.peers[pid]
+            if o.error:
+                self._send(out, p.conn, m.OpFailed(tag=SYNC_TAG, kind="invalid_usage", message=o.error), now)
+                continue
+            if pid not in receivers:
+                p.state_revision = plan.revision
+            fetch = tuple(m.FetchRec(key=f.key, holders=f.holders, digest=f.digest) for f in o.fetch)
+            self._send(out, p.conn, m.SyncPlan(seq=seq, revision=plan.revision, fetch=fetch, final=not receivers),
+                       now)
+        log.debug("sync %d: revision %d, receivers %s", seq, plan.revision, sorted(receivers))
+
+    def _sync_report(self, peer: PeerRec, msg: m.SyncReport, now: float, out: list[Send]) -> None:
+        sync = self.syncs.get(msg.seq)
+        if sync is None or peer.peer_id not in sync.receivers:
+            return
+        sync.receivers.discard(peer.peer_id)
+        if msg.ok:
+            peer.state_revision = sync.revision
+        else:
+            log.info("sync %d: peer %d failed to receive: %s", sync.seq, peer.peer_id, msg.message)
+        self._maybe_finish_sync(sync, now, out)
+
+    def _maybe_finish_sync(self, sync: SyncRec, now: float, out: list[Send]) -> None:
+        if sync.receivers:
+            return
+        del self.syncs[sync.seq]
+        for pid in sync.participants:
+            p = self.peers.get(pid)
+            if p is not None and p.alive:
+                self._send(out, p.conn, m.SyncDone(seq=sync.seq), now)
 
     def _announce(self, peer: PeerRec, msg: m.Announce, now: float, out: list[Send]) -> None:
         def refuse(kind: str, why: str) -> None:
@@ -335,15 +545,28 @@ class MasterCore:
 
     # ------------------------------------------------------------------ introspection
     def status_text(self) -> str:
-        lines = [f"revision {self.revision}; {len(self.ops)} collectives open; {self.decided} decided"]
+        lines = [f"revision {self.revision}; {len(self.ops)} collectives open; {self.decided} decided; "
+                 f"{len(self.syncs)} syncs open" + ("; measuring bandwidth" if self.measuring else "")]
         groups = sorted({p.group for p in self.peers.values()})
         for g in groups:
             ring = [str(p.peer_id) for p in self.live_members(g)]
             lines.append(f"group {g}: ring {' -> '.join(ring) if ring else '(empty)'}"
                          + (f" [needs update_topology: {self.dirty[g]}]" if g in self.dirty else ""))
-        lines.append("peer  group  state     address              locality  name")
+        lines.append("peer  group  state     state-rev  address              locality  name")
         for p in sorted(self.peers.values(), key=lambda p: p.peer_id):
             state = ("dead" if not p.alive else "accepted" if p.accepted else "pending") + ("*" if p.voted else "")
-            lines.append(f"{p.peer_id:<5} {p.group:<6} {state:<9} {p.host + ':' + str(p.port):<20} "
+            srev = "-" if p.state_revision is None else str(p.state_revision)
+            lines.append(f"{p.peer_id:<5} {p.group:<6} {state:<9} {srev:<10} {p.host + ':' + str(p.port):<20} "
                          f"{p.locality:<9} {p.name}")
+        for g in groups:
+            ids = [p.peer_id for p in self.live_members(g)]
+            if len(ids) < 2 or not any((a, b) in self.bandwidth for a in ids for b in ids):
+                continue
+            lines.append(f"bandwidth of group {g} in MB/s (row: from, column: to; - not measured)")
+            lines.append("from\\to " + "".join(f"{b:>9}" for b in ids))
+            for a in ids:
+                cells = "".join(f"{'':>9}" if a == b else
+                                f"{self.bandwidth[(a, b)] / 1e6:>9.1f}" if (a, b) in self.bandwidth else f"{'-':>9}"
+                                for b in ids)
+                lines.append(f"{a:<8} {cells}")
         return "\n".join(lines)

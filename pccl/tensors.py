@@ -19,7 +19,7 @@ WIDENED = {"float16", "bfloat16"}
 SUPPORTED = NATIVE | WIDENED
 
 
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
@@ -50,7 +50,7 @@ def wrap(x: Any, what: str) -> Buffer:
             raise InvalidUsage("dst: the array is read-only")
         flat = x.reshape(-1)
         return Buffer(flat, name, tuple(x.shape), None, (x.__array_interface__["data"][0], x.nbytes))
-    if _is_torch(x):
+    if is_torch(x):
         name = str(x.dtype).replace("torch.", "")
         if name not in SUPPORTED:
             raise InvalidUsage(f"{what}: dtype {name} is not supported (use one of {sorted(SUPPORTED)})")

@@ -72,14 +72,29 @@ def test_frame_cap_boundary():
         f.decode_frame(f.encode_frame(f.FrameHeader(1, 0, 0, (1 << 64) - 1)), CAP)
 
 
-def test_handshake_index_and_reserved_checked():
+def test_handshake_index_and_kind_checked():
     ok = f.encode_handshake(f.Handshake(1, 2, f.MAX_CONNECTIONS - 1))
     assert f.decode_handshake(ok).index == f.MAX_CONNECTIONS - 1
     with pytest.raises(ProtocolError):
         f.decode_handshake(f.encode_handshake(f.Handshake(1, 2, f.MAX_CONNECTIONS)))
-    reserved = struct.pack("<8sQQII", f.HANDSHAKE_MAGIC, 1, 2, 0, 7)
+    for kind in f.KINDS:
+        assert f.decode_handshake(f.encode_handshake(f.Handshake(1, 2, 0, kind))).kind == kind
+    unknown_kind = struct.pack("<8sQQII", f.HANDSHAKE_MAGIC, 1, 2, 0, 7)
     with pytest.raises(ProtocolError):
-        f.decode_handshake(reserved)
+        f.decode_handshake(unknown_kind)
+
+
+@FUZZ
+@given(U64, U32, U64, st.integers(0, CAP))
+def test_state_headers_round_trip(seq, key, offset, nbytes):
+    req = f.StateRequest(seq, key, offset, nbytes)
+    assert f.decode_state_request(f.encode_state_request(req), CAP) == req
+    rep = f.StateReply(f.STATE_NOT_SERVING, seq, nbytes)
+    assert f.decode_state_reply(f.encode_state_reply(rep), CAP) == rep
+    with pytest.raises(ProtocolError, match="cap"):
+        f.decode_state_request(f.encode_state_request(f.StateRequest(seq, key, offset, CAP + 1)), CAP)
+    with pytest.raises(ProtocolError):
+        f.decode_state_reply(f.encode_state_reply(f.StateReply(3, seq, 0)), CAP)
 
 
 def test_frame_reserved_and_magic_checked():
@@ -102,6 +117,8 @@ DECODERS = {
     "handshake": (f.decode_handshake, f.HANDSHAKE_SIZE),
     "ack": (f.decode_ack, f.ACK_SIZE),
     "frame": (lambda b: f.decode_frame(b, CAP), f.FRAME_SIZE),
+    "state_request": (lambda b: f.decode_state_request(b, CAP), f.STATE_REQ_SIZE),
+    "state_reply": (lambda b: f.decode_state_reply(b, CAP), f.STATE_REP_SIZE),
 }
 
 
@@ -126,7 +143,9 @@ def test_random_bytes_of_every_length(name, data):
 def test_every_wrong_length_is_refused(name):
     decoder, size = DECODERS[name]
     good = {"handshake": f.encode_handshake(f.Handshake(1, 2, 3)), "ack": f.encode_ack(9),
-            "frame": f.encode_frame(f.FrameHeader(1, 2, 3, 4))}[name]
+            "frame": f.encode_frame(f.FrameHeader(1, 2, 3, 4)),
+            "state_request": f.encode_state_request(f.StateRequest(1, 2, 3, 4)),
+            "state_reply": f.encode_state_reply(f.StateReply(f.STATE_OK, 2, 3))}[name]
     for n in range(0, 2 * size + 2):
         data = (good * 3)[:n]
         if n == size:
@@ -142,6 +161,10 @@ def mutated(draw, name):
         "handshake": lambda: f.encode_handshake(f.Handshake(draw(U64), draw(U64), draw(st.integers(0, 63)))),
         "ack": lambda: f.encode_ack(draw(U64)),
         "frame": lambda: f.encode_frame(f.FrameHeader(draw(U64), draw(U32), draw(U32), draw(st.integers(0, CAP)))),
+        "state_request": lambda: f.encode_state_request(
+            f.StateRequest(draw(U64), draw(U32), draw(U64), draw(st.integers(0, CAP)))),
+        "state_reply": lambda: f.encode_state_reply(
+            f.StateReply(draw(st.sampled_from([0, 1, 2])), draw(U64), draw(st.integers(0, CAP)))),
     }[name]()
     blob = bytearray(good)
     for _ in range(draw(st.integers(1, 3))):
@@ -177,8 +200,8 @@ def test_handshake_magic_flips_refused(i, x):
     result = only_protocol_error(f.decode_handshake, bytes(blob))
     if i < 8:  # magic
         assert result is None
-    elif 28 <= i:  # reserved
-        assert result is None
+    elif 28 <= i:  # kind: only the known kinds pass
+        assert result is None or result.kind in f.KINDS
     elif i >= 24:  # index: valid only while below MAX_CONNECTIONS
         assert result is None or result.index < f.MAX_CONNECTIONS
 

@@ -1,10 +1,13 @@
 """Fixed-layout byte formats of the data plane (little-endian), as pure encode/decode functions.
 
-* Handshake (connector -> listener, 32 bytes): magic, connector peer id, world revision,
-  connection index, reserved.
+* Handshake (connector -> listener, 32 bytes): magic, connector peer id, world revision (for a
+  state transfer: the sync sequence number), connection index, kind (ring link, shared-state
+  transfer, bandwidth probe).
 * Ack (listener -> connector, 16 bytes): magic, listener peer id, so the connector knows it
   reached the peer it meant (an address can be reused by a restarted peer).
 * Frame header (32 bytes) before every payload: magic, op sequence, step, piece, payload length.
+* State request (receiver -> holder, 32 bytes): magic, key index, sync sequence, byte offset, length.
+  State reply (holder -> receiver, 24 bytes): magic, status, sync sequence, length; then the bytes.
 
 Decoders raise ``ProtocolError`` for any defect and never anything else.
 """
@@ -28,12 +31,30 @@ ACK_SIZE = _ACK.size
 FRAME_SIZE = _FRAME.size
 MAX_CONNECTIONS = 64
 
+#: handshake kinds
+KIND_LINK = 0
+KIND_STATE = 1
+KIND_PROBE = 2
+KINDS = (KIND_LINK, KIND_STATE, KIND_PROBE)
+
+STATE_REQ_MAGIC = 0x52534350  # b"PCSR"
+STATE_REP_MAGIC = 0x50534350  # b"PCSP"
+_STATE_REQ = struct.Struct("<IIQQQ")
+_STATE_REP = struct.Struct("<IIQQ")
+STATE_REQ_SIZE = _STATE_REQ.size
+STATE_REP_SIZE = _STATE_REP.size
+#: state reply status codes
+STATE_OK = 0
+STATE_NOT_SERVING = 1
+STATE_BAD_REQUEST = 2
+
 
 @dataclass(frozen=True)
 class Handshake:
     peer_id: int
     revision: int
     index: int
+    kind: int = KIND_LINK
 
 
 @dataclass(frozen=True)
@@ -45,18 +66,18 @@ class FrameHeader:
 
 
 def encode_handshake(h: Handshake) -> bytes:
-    return _HANDSHAKE.pack(HANDSHAKE_MAGIC, h.peer_id, h.revision, h.index, 0)
+    return _HANDSHAKE.pack(HANDSHAKE_MAGIC, h.peer_id, h.revision, h.index, h.kind)
 
 
 def decode_handshake(data: bytes) -> Handshake:
     if len(data) != HANDSHAKE_SIZE:
         raise ProtocolError(f"handshake must be {HANDSHAKE_SIZE} bytes, got {len(data)}")
-    magic, pid, rev, index, reserved = _HANDSHAKE.unpack(data)
+    magic, pid, rev, index, kind = _HANDSHAKE.unpack(data)
     if magic != HANDSHAKE_MAGIC:
         raise ProtocolError("bad handshake magic (not a pccl data connection, or another version)")
-    if index >= MAX_CONNECTIONS or reserved != 0:
-        raise ProtocolError(f"bad handshake fields (index {index}, reserved {reserved})")
-    return Handshake(pid, rev, index)
+    if index >= MAX_CONNECTIONS or kind not in KINDS:
+        raise ProtocolError(f"bad handshake fields (index {index}, kind {kind})")
+    return Handshake(pid, rev, index, kind)
 
 
 def encode_ack(peer_id: int) -> bytes:
@@ -85,3 +106,48 @@ def decode_frame(data: bytes | bytearray | memoryview, max_bytes: int) -> FrameH
     if nbytes > max_bytes:
         raise ProtocolError(f"frame of {nbytes} bytes exceeds the {max_bytes}-byte cap")
     return FrameHeader(seq, step, piece, nbytes)
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    seq: int
+    key: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StateReply:
+    status: int
+    seq: int
+    nbytes: int
+
+
+def encode_state_request(r: StateRequest) -> bytes:
+    return _STATE_REQ.pack(STATE_REQ_MAGIC, r.key, r.seq, r.offset, r.nbytes)
+
+
+def decode_state_request(data: bytes | bytearray | memoryview, max_bytes: int) -> StateRequest:
+    if len(data) != STATE_REQ_SIZE:
+        raise ProtocolError(f"state request must be {STATE_REQ_SIZE} bytes, got {len(data)}")
+    magic, key, seq, offset, nbytes = _STATE_REQ.unpack(data)
+    if magic != STATE_REQ_MAGIC:
+        raise ProtocolError("bad state request magic")
+    if nbytes > max_bytes:
+        raise ProtocolError(f"state request of {nbytes} bytes exceeds the {max_bytes}-byte cap")
+    return StateRequest(seq, key, offset, nbytes)
+
+
+def encode_state_reply(r: StateReply) -> bytes:
+    return _STATE_REP.pack(STATE_REP_MAGIC, r.status, r.seq, r.nbytes)
+
+
+def decode_state_reply(data: bytes | bytearray | memoryview, max_bytes: int) -> StateReply:
+    if len(data) != STATE_REP_SIZE:
+        raise ProtocolError(f"state reply must be {STATE_REP_SIZE} bytes, got {len(data)}")
+    magic, status, seq, nbytes = _STATE_REP.unpack(data)
+    if magic != STATE_REP_MAGIC or status not in (STATE_OK, STATE_NOT_SERVING, STATE_BAD_REQUEST):
+        raise ProtocolError("bad state reply header")
+    if nbytes > max_bytes:
+        raise ProtocolError(f"state reply of {nbytes} bytes exceeds the {max_bytes}-byte cap")
+    return StateReply(status, seq, nbytes)

@@ -5,7 +5,9 @@ How it works
 1. Every peer listens on one TCP port. An accepted connection must send a valid handshake within
    ``connect_timeout``; the listener answers with an ack naming its own peer id and parks the
    socket under (revision, connector id, index) until the communicator claims it. At most
-   ``max_half_open`` connections may be in handshake or parked; more are closed at once.
+   ``max_half_open`` connections may be in handshake, parked or being served; more are closed at
+   once. Connections of another kind (shared-state transfer, bandwidth probe) are handed to the
+   handler registered for that kind, on the handshake's thread, and closed when it returns.
 2. The connector opens K sockets per directed link (one direction each: a socket only ever sends
    or only ever receives), sends the handshake and checks the ack's peer id.
 3. Each :class:`Connection` owns a worker thread. Collectives submit one *lane program* per
@@ -66,6 +68,7 @@ class Listener:
         self._parked: dict[tuple[int, int, int], tuple[socket.socket, float]] = {}
         self._half_open = 0
         self._closed = False
+        self._handlers: dict[int, Callable[[socket.socket, framing.Handshake], None]] = {}
         self._thread = threading.Thread(target=self._accept_loop, name="pccl-listener", daemon=True)
         self._thread.start()
 
@@ -99,9 +102,15 @@ class Listener:
             hs = framing.decode_handshake(_recv_bytes(conn, framing.HANDSHAKE_SIZE))
             if self.peer_id is None:
                 raise ProtocolError("this peer has no id yet")
+            handler = self._handlers.get(hs.kind)
+            if hs.kind != framing.KIND_LINK and handler is None:
+                raise ProtocolError(f"this peer serves no connections of kind {hs.kind}")
             conn.sendall(framing.encode_ack(self.peer_id))
-            conn.settimeout(None)
             _tune(conn)
+            if handler is not None:
+                handler(conn, hs)  # bounded by the handler's own socket timeouts
+                return
+            conn.settimeout(None)
             with self._cond:
                 key = (hs.revision, hs.peer_id, hs.index)
                 old = self._parked.pop(key, None)
@@ -124,6 +133,10 @@ class Listener:
         with self._cond:
             for key in [k for k, (_, t) in self._parked.items() if t < limit]:
                 self._parked.pop(key)[0].close()
+
+    def handle(self, kind: int, handler: Callable[[socket.socket, framing.Handshake], None]) -> None:
+        """Serve connections of ``kind`` with ``handler(sock, handshake)`` (closed when it returns)."""
+        self._handlers[kind] = handler
 
     def drop_older(self, revision: int) -> None:
         with self._cond:
@@ -166,14 +179,14 @@ class Listener:
 
 
 def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, index: int,
-            config: Config) -> socket.socket:
+            config: Config, kind: int = framing.KIND_LINK) -> socket.socket:
     """Open one outgoing data connection and complete the handshake (bounded by connect_timeout)."""
     try:
         sock = socket.create_connection((host, port), timeout=config.connect_timeout)
     except OSError as exc:
         raise PeerFailure(f"cannot reach peer {expect_id} at {host}:{port}: {exc}") from exc
     try:
-        sock.sendall(framing.encode_handshake(framing.Handshake(my_id, revision, index)))
+        sock.sendall(framing.encode_handshake(framing.Handshake(my_id, revision, index, kind)))
         got = framing.decode_ack(_recv_bytes(sock, framing.ACK_SIZE))
         if got != expect_id:
             raise PeerFailure(f"{host}:{port} is peer {got}, not peer {expect_id}")

@@ -61,6 +61,28 @@ class Member:
     locality: str
 
 
+@record
+class KeyRec:
+    """One shared-state key as a sync vote describes it (digest: XXH3-128 of its bytes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    digest: bytes
+    allow_inequality: bool
+
+
+@record
+class FetchRec:
+    """A key (index in sorted key order) a peer must download, the peers that hold it, and the
+    elected content's hash."""
+
+    key: int
+    holders: tuple[int, ...]
+    digest: bytes
+
+
 # --------------------------------------------------------------------------- peer -> master
 @message("register")
 class Register:
@@ -88,7 +110,9 @@ class PendingQuery:
 
 @message("vote_topology")
 class VoteTopology:
-    pass
+    """The peer waits in update_topology (``optimize``: optimize_topology, measure links first)."""
+
+    optimize: bool
 
 
 @message("announce")
@@ -124,6 +148,35 @@ class OpReport:
 @message("status_query")
 class StatusQuery:
     req: int
+
+
+@message("sync_vote")
+class SyncVote:
+    """The peer's shared state for the election; a non-empty ``error`` means it sits this one out
+    (the master answers it with ``OpFailed`` and elects among the others)."""
+
+    revision: int
+    strategy: str
+    keys: tuple[KeyRec, ...]
+    error: str
+
+
+@message("sync_report")
+class SyncReport:
+    """A receiving peer finished downloading (ok) or gave up (message says why)."""
+
+    seq: int
+    ok: bool
+    message: str
+
+
+@message("probe_result")
+class ProbeResult:
+    """Measured bandwidth from the reporting peer to ``target`` (0.0: the probe failed)."""
+
+    round: int
+    target: int
+    bytes_per_second: float
 
 
 # --------------------------------------------------------------------------- master -> peer
@@ -180,6 +233,35 @@ class PeerDown:
 
     peer_id: int
     reason: str
+
+
+@message("sync_plan")
+class SyncPlan:
+    """The election's result for one peer: adopt ``revision``, download ``fetch``; serve the others
+    until ``SyncDone`` unless ``final`` (nobody downloads anything)."""
+
+    seq: int
+    revision: int
+    fetch: tuple[FetchRec, ...]
+    final: bool
+
+
+@message("sync_done")
+class SyncDone:
+    """Every receiver of sync ``seq`` finished or died: holders stop serving."""
+
+    seq: int
+
+
+@message("probe")
+class Probe:
+    """Measure the bandwidth to ``target`` at host:port for about ``seconds`` and report it."""
+
+    round: int
+    target: int
+    host: str
+    port: int
+    seconds: float
 
 
 @message("kicked")
