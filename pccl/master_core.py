@@ -333,9 +333,9 @@ class MasterCore:
                 rounds[r].extend((ids[i], ids[j]) for i, j in pairs)
         self.measuring = Measurement(rounds)
         log.info("optimize_topology: measuring %d pairs in %d rounds", sum(map(len, rounds)), len(rounds))
-        self._next_round(now, out)
+        self._next_round(now, out, commit=False)  # the caller commits if nothing is left to measure
 
-    def _next_round(self, now: float, out: list[Send]) -> None:
+    def _next_round(self, now: float, out: list[Send], commit: bool = True) -> None:
         ms = self.measuring
         assert ms is not None
         while not ms.outstanding:
@@ -343,7 +343,8 @@ class MasterCore:
             if ms.index >= len(ms.rounds):
                 self.measuring = None
                 self._reorder()
-                self._maybe_commit(now, out)
+                if commit:
+                    self._maybe_commit(now, out)
                 return
             for src, dst in ms.rounds[ms.index]:
                 a, b = self.peers.get(src), self.peers.get(dst)

@@ -225,6 +225,61 @@ def idle(args) -> None:
     emit("result", error=None)
 
 
+def state(args) -> None:
+    """Keep a shared state in sync in a loop (holders start with content, a joiner with zeros)."""
+    comm = pccl.Communicator()
+    if args.joiner:
+        comm.connect()
+        emit("joined", peer_id=comm.peer_id, world=comm.world_size)
+    else:
+        join(comm, args.holders)
+    if args.slow_serve:
+        from pccl.transports import state_transfer
+
+        count = state_transfer.StateServer.count
+
+        def slow_count(self, n, _count=count):
+            emit("serving", nbytes=n)
+            time.sleep(args.slow_serve)
+            _count(self, n)
+        state_transfer.StateServer.count = slow_count
+    n = (args.state_mib << 20) // 4
+    params = np.zeros(n, np.float32) if args.joiner else np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    st = pccl.SharedState({"params": params, "step": np.array([7], np.int64)}, revision=0 if args.joiner else 100)
+    if args.joiner:
+        st["step"][0] = 0
+    synced = 0
+    end = time.monotonic() + args.duration
+    while synced < args.ops and time.monotonic() < end:
+        try:
+            if comm.are_peers_pending():
+                comm.update_topology()
+                emit("topology", world=comm.world_size)
+            if comm.world_size < args.world:
+                time.sleep(0.05)
+                continue
+            emit("sync_start", world=comm.world_size)
+            info = comm.sync_shared_state(st, timeout=args.op_timeout)
+        except pccl.PcclError as exc:
+            emit("sync_fail", error=type(exc).__name__, message=str(exc))
+            if isinstance(exc, (pccl.Kicked, pccl.MasterUnreachable)):
+                return
+            try:
+                comm.update_topology()
+                emit("topology", world=comm.world_size)
+            except pccl.PcclError as exc2:
+                emit("topology_fail", error=type(exc2).__name__, message=str(exc2))
+            continue
+        synced += 1
+        emit("synced", n=synced, rx=info.rx_bytes, tx=info.tx_bytes, revision=info.revision,
+             world=comm.world_size, digest=digest(params) + digest(st["step"]))
+        st.revision += 1
+        time.sleep(args.pause)
+    emit("done", synced=synced)
+    time.sleep(0.5)
+    comm.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")
@@ -236,9 +291,14 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.0)
     p.add_argument("--op-timeout", type=float, default=30.0)
     p.add_argument("--torch", action="store_true")
+    p.add_argument("--joiner", action="store_true")
+    p.add_argument("--holders", type=int, default=1)
+    p.add_argument("--state-mib", type=int, default=1)
+    p.add_argument("--slow-serve", type=float, default=0.0)
     args = p.parse_args()
     try:
-        {"matrix": matrix, "loop": loop, "mismatch": mismatch, "lonely": lonely, "idle": idle}[args.scenario](args)
+        {"matrix": matrix, "loop": loop, "mismatch": mismatch, "lonely": lonely, "idle": idle,
+         "state": state}[args.scenario](args)
     except Exception as exc:
         emit("crash", error=type(exc).__name__, message=str(exc))
         raise

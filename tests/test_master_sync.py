@@ -1,0 +1,212 @@
+"""The master core's shared-state sync and optimize_topology flows (pure: fake clock, no sockets)."""
+from __future__ import annotations
+
+from pccl.master_core import SYNC_TAG
+from pccl.transports import messages as m
+from test_master_core import CFG, H, of, to
+
+
+def key(name="w", d=b"a", nbytes=16, unequal=False):
+    return m.KeyRec(name=name, dtype="float32", shape=(4,), nbytes=nbytes, digest=d, allow_inequality=unequal)
+
+
+def vote(revision=1, digests=(b"a",), strategy="enforce_popular", error=""):
+    return m.SyncVote(revision=revision, strategy=strategy,
+                      keys=tuple(key(f"k{i}", d) for i, d in enumerate(digests)), error=error)
+
+
+def plans(out):
+    return {s.conn: s.msg for s in of(out, m.SyncPlan)}
+
+
+def test_sync_waits_for_every_member_then_plans_and_finishes_after_the_receivers():
+    h = H()
+    h.world("a", "b", "c")
+    assert h.send("a", vote()) == [] and h.send("b", vote()) == []
+    out = h.send("c", vote(revision=0, digests=(b"z",)))
+    p = plans(out)
+    assert set(p) == {"a", "b", "c"} and len({x.seq for x in p.values()}) == 1
+    assert p["a"].fetch == () and not p["a"].final
+    (f,) = p["c"].fetch
+    assert f.key == 0 and f.digest == b"a" and set(f.holders) == {h.pid["a"], h.pid["b"]}
+    assert p["c"].revision == 1
+    out = h.send("c", m.SyncReport(seq=p["c"].seq, ok=True, message=""))
+    assert sorted(s.conn for s in of(out, m.SyncDone)) == ["a", "b", "c"]
+    assert h.core.syncs == {} and all(r.state_revision == 1 for r in h.core.peers.values())
+    assert "state-rev" in h.core.status_text()
+
+
+def test_sync_without_transfers_is_final_at_once():
+    h = H()
+    h.world("a", "b")
+    h.send("a", vote())
+    p = plans(h.send("b", vote()))
+    assert all(x.final and x.fetch == () for x in p.values()) and h.core.syncs == {}
+
+
+def test_peer_errors_go_to_that_peer_only():
+    h = H()
+    h.world("a", "b", "c")
+    h.send("a", vote())
+    h.send("b", vote(error="revision went backwards"))
+    out = h.send("c", m.SyncVote(revision=1, strategy="enforce_popular", keys=(key("other"),), error=""))
+    failed = {s.conn: s.msg for s in of(out, m.OpFailed)}
+    assert failed["b"].message == "revision went backwards" and failed["b"].tag == SYNC_TAG
+    assert "'k0'" in failed["c"].message or "'other'" in failed["c"].message
+    assert set(plans(out)) == {"a"}
+
+
+def test_unknown_strategy_is_an_error_for_that_peer():
+    h = H()
+    h.world("a", "b")
+    h.send("a", vote())
+    out = h.send("b", vote(strategy="whatever"))
+    assert "unknown sync strategy" in to(out, "b")[0].message and set(plans(out)) == {"a"}
+
+
+def test_a_dead_holder_does_not_fail_the_sync_and_a_dead_receiver_ends_it():
+    h = H()
+    h.world("a", "b", "c", "d")
+    for c in "ab":
+        h.send(c, vote())
+    h.send("c", vote(digests=(b"y",)))
+    p = plans(h.send("d", vote(digests=(b"x",))))
+    seq = p["c"].seq
+    out = h.core.disconnected("a", h.now)
+    assert of(out, m.SyncDone) == [] and of(out, m.PeerDown)
+    assert h.send("c", m.SyncReport(seq=seq, ok=True, message="")) == []
+    out = h.core.disconnected("d", h.now)  # the last receiver dies: holders are released
+    assert sorted(s.conn for s in of(out, m.SyncDone)) == ["b", "c"]
+
+
+def test_sync_refused_in_a_dirty_group_and_while_someone_votes():
+    h = H()
+    h.world("a", "b", "c")
+    h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("a", vote())
+    assert to(out, "a")[0].kind == "aborted"
+    h.send("a", m.VoteTopology(optimize=False))
+    h.send("c", m.VoteTopology(optimize=False))
+    h.core.disconnected("c", h.now)
+    out = h.send("a", vote())
+    assert to(out, "a", m.PeerDown)[0].kind == "peer_failure"
+
+
+def test_a_pending_sync_vote_is_failed_when_a_member_votes_on_the_topology():
+    h = H()
+    h.world("a", "b")
+    h.send("a", vote())
+    out = h.send("b", m.VoteTopology(optimize=False))
+    (f,) = of(out, m.OpFailed)
+    assert f.conn == "a" and f.msg.tag == SYNC_TAG and f.msg.kind == "aborted"
+
+
+def test_withdrawn_sync_vote_is_forgotten():
+    h = H()
+    h.world("a", "b")
+    h.send("a", vote())
+    h.send("a", m.Withdraw(tag=SYNC_TAG))
+    assert h.core.announced == {}
+
+
+# ----------------------------------------------------------------------------------- optimize_topology
+def probes(out):
+    return [(s.conn, s.msg) for s in of(out, m.Probe)]
+
+
+def run_measurement(h, out, bw):
+    """Answer every probe with bw[(src_conn, dst_id)] until the topology commits; returns it."""
+    names = {v: k for k, v in h.pid.items()}
+    for _ in range(100):
+        topo = of(out, m.Topology)
+        if topo:
+            return topo[0].msg
+        ps = probes(out)
+        assert ps, "no probes and no topology"
+        busy = [c for c, _ in ps] + [names[p.target] for _, p in ps]
+        assert len(busy) == len(set(busy)), "a round shares a peer"
+        out = []
+        for c, p in ps:
+            out += h.send(c, m.ProbeResult(round=p.round, target=p.target,
+                                           bytes_per_second=bw.get((c, names[p.target]), 1e9)))
+    raise AssertionError("measurement did not end")
+
+
+def test_optimize_measures_every_pair_once_and_orders_the_ring_around_the_slow_link():
+    h = H()
+    h.world("a", "b", "c", "d")
+    out = []
+    for c in "abc":
+        out += h.send(c, m.VoteTopology(optimize=c == "b"))
+    assert of(out, m.Probe) == []
+    out = h.send("d", m.VoteTopology(optimize=False))
+    slow = {("a", "b"): 1e6, ("b", "a"): 1e6}  # a and b must not be ring neighbours in either direction
+    topo = run_measurement(h, out, slow)
+    assert h.core.revision == 5  # four joins, one commit after the measurement    assert len(h.core.bandwidth) == 12
+    ring = [mb.peer_id for mb in topo.members]
+    a, b = h.pid["a"], h.pid["b"]
+    i, j = ring.index(a), ring.index(b)
+    assert (i - j) % 4 == 2, f"a and b are neighbours in {ring}"
+    assert "bandwidth of group 0" in h.core.status_text()
+    # measured pairs are not measured again
+    out = []
+    for c in "abcd":
+        out += h.send(c, m.VoteTopology(optimize=True))
+    assert of(out, m.Probe) == [] and sorted(s.conn for s in of(out, m.Topology)) == list("abcd")
+
+
+def test_probe_round_times_out_and_a_dead_prober_is_skipped():
+    h = H()
+    h.world("a", "b", "c")
+    out = []
+    for c in "abc":
+        out += h.send(c, m.VoteTopology(optimize=True))
+    assert probes(out)
+    assert h.core.next_deadline() < h.now + CFG.probe_seconds + 30
+    # nobody answers: rounds time out one after the other, then the topology commits anyway
+    for _ in range(2000):
+        h.now = h.core.next_deadline()
+        for c in "abc":
+            h.send(c, m.Heartbeat())
+        out = h.core.tick(h.now)
+        if of(out, m.Topology):
+            break
+    else:
+        raise AssertionError("the measurement never ended")
+    assert h.core.bandwidth == {}
+    # a prober that dies mid-round is skipped
+    out = []
+    for c in "abc":
+        out += h.send(c, m.VoteTopology(optimize=True))
+    first = probes(out)
+    out = h.core.disconnected(first[0][0], h.now)
+    names = {v: k for k, v in h.pid.items()}
+    dead = first[0][0]
+    for _ in range(2000):
+        if of(out, m.Topology):
+            break
+        ps = [(c, p) for c, p in probes(out) + first[1:] if c != dead and names[p.target] != dead]
+        first = []
+        out = []
+        for c, p in ps:
+            out += h.send(c, m.ProbeResult(round=p.round, target=p.target, bytes_per_second=5e8))
+        if not ps and not of(out, m.Topology):
+            h.now = h.core.next_deadline()
+            for c in "abc":
+                if c != dead:
+                    h.send(c, m.Heartbeat())
+            out = h.core.tick(h.now)
+    topo = of(out, m.Topology)[0].msg
+    assert h.pid[dead] not in [mb.peer_id for mb in topo.members]
+
+
+def test_stale_or_bogus_probe_results_are_ignored():
+    h = H()
+    h.world("a", "b")
+    out = h.send("a", m.VoteTopology(optimize=True))
+    out += h.send("b", m.VoteTopology(optimize=False))
+    (c, p), = probes(out)[:1]
+    assert h.send(c, m.ProbeResult(round=p.round + 5, target=p.target, bytes_per_second=1.0)) == []
+    assert h.core.bandwidth == {}
+    h.send(c, m.ProbeResult(round=p.round, target=p.target, bytes_per_second=float("inf")))
+    assert h.core.bandwidth == {}
