@@ -1,4 +1,4 @@
-"""The ``pccl`` command: master, launch, bench, demo, status."""
+"""The ``pccl`` command: master, launch, bench, bench-sync, demo, status."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _bench_sync(args: argparse.Namespace) -> int:
+    from pccl.bench_sync import main as bench_sync_main
+
+    return bench_sync_main(args.rest)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pccl.demo import main as demo_main
 
@@ -81,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     p.set_defaults(fn=_bench, rest=[])
 
+    p = sub.add_parser("bench-sync", help="shared-state download from several holders vs one (see pccl bench-sync -h)",
+                       add_help=False)
+    p.set_defaults(fn=_bench_sync, rest=[])
+
     p = sub.add_parser("demo", help="the main job: all-reduce under churn (see pccl demo -h)", add_help=False)
     p.set_defaults(fn=_demo, rest=[])
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # bench and demo parse their own options: hand them everything after the subcommand.
     for i, a in enumerate(argv):
         if not a.startswith("-"):
-            if a in ("bench", "demo"):
+            if a in ("bench", "bench-sync", "demo"):
                 args = parser.parse_args(argv[: i + 1])
                 args.rest = argv[i + 1:]
                 break

@@ -49,3 +49,15 @@ def test_correctness_guard_detects_a_wrong_element() -> None:
     bad[123] += 1
     problem = bench._check(bad, n, iters, np)
     assert problem is not None and "index 123" in problem
+
+
+@pytest.mark.timeout(180)
+def test_bench_sync_loopback_smoke(tmp_path, capsys) -> None:
+    from pccl import bench_sync
+
+    out = tmp_path / "s.json"
+    assert bench_sync.main(["--mib", "2", "--repeats", "1", "--holders", "2", "--timeout", "90",
+                            "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["holders"] == 2 and len(summary["multi_s"]) == len(summary["single_s"]) == 1
+    assert "speed-up median" in capsys.readouterr().out
