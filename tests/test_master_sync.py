@@ -210,3 +210,59 @@ def test_stale_or_bogus_probe_results_are_ignored():
     assert h.core.bandwidth == {}
     h.send(c, m.ProbeResult(round=p.round, target=p.target, bytes_per_second=float("inf")))
     assert h.core.bandwidth == {}
+
+
+# ----------------------------------------------------------------------------------- random interleavings
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["vote"] * 6 + ["report"] * 3 + ["fail_report", "die", "topology", "tick"]),
+                            st.integers(0, 2), st.sampled_from([b"a", b"b", b"c"]), st.integers(0, 3)),
+                  max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS)
+def test_sync_flows_under_random_interleavings(events):
+    """Whatever order votes, reports, deaths and topology votes come in: one plan per voter and
+    sync, SyncDone only after a plan, at most once, only to live participants; no sync is left
+    open once its receivers are gone; nothing raises."""
+    h = H()
+    names = list("abc")
+    h.world(*names)
+    live = set(names)
+    plans_seen: dict[int, set[str]] = {}
+    done_seen: dict[int, set[str]] = {}
+    receivers: dict[str, int] = {}
+    for kind, i, d, rev in events:
+        c = names[i % len(names)]
+        out = []
+        if kind == "vote" and c in live:
+            out = h.send(c, vote(revision=rev, digests=(d,)))
+        elif kind in ("report", "fail_report") and c in receivers:
+            out = h.send(c, m.SyncReport(seq=receivers.pop(c), ok=kind == "report", message="x"))
+        elif kind == "die" and c in live and len(live) > 1:
+            live.discard(c)
+            receivers.pop(c, None)
+            out = h.core.disconnected(c, h.now)
+        elif kind == "topology" and c in live:
+            out = h.send(c, m.VoteTopology(optimize=False))
+        elif kind == "tick":
+            h.now += 0.5
+            for x in live:
+                h.send(x, m.Heartbeat())
+            out = h.core.tick(h.now)
+        for s in out:
+            assert s.conn in live or isinstance(s.msg, m.Kicked)
+            if isinstance(s.msg, m.SyncPlan):
+                assert s.conn not in plans_seen.setdefault(s.msg.seq, set())
+                plans_seen[s.msg.seq].add(s.conn)
+                if s.msg.fetch:
+                    receivers[s.conn] = s.msg.seq
+            elif isinstance(s.msg, m.SyncDone):
+                assert s.conn in plans_seen.get(s.msg.seq, set()), "SyncDone without a plan"
+                assert s.conn not in done_seen.setdefault(s.msg.seq, set()), "two SyncDone"
+                done_seen[s.msg.seq].add(s.conn)
+        for seq, rec in h.core.syncs.items():
+            assert rec.receivers, "a sync with no receiver left is closed"
+            assert rec.receivers <= {h.pid[x] for x in live}
