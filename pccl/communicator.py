@@ -35,7 +35,7 @@ from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
-    InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
+    Aborted, InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
 )
 from pccl.master_core import SYNC_TAG
 from pccl.shared_state import SharedState, SyncInfo, digest
@@ -363,14 +363,16 @@ class Communicator:
         links.close()
         self._check()
 
-    def update_topology(self, timeout: float | None = None) -> None:
+    def update_topology(self, timeout: float | None = None, admit: bool = True) -> None:
         """Vote for a topology update and adopt the result: pending peers are admitted, dead ones
-        dropped, links rebuilt. Blocks until every live accepted peer has voted.
+        dropped, links rebuilt. Blocks until every live accepted peer has voted. With
+        ``admit=False`` (used by retries in the middle of a training step) pending peers stay
+        pending if any voter says so; the next ordinary update admits them.
 
         Raises InvalidUsage (async collectives still in flight), PcclTimeout, MasterUnreachable,
         Kicked, PeerFailure (a neighbour died while links were opened: call it again).
         """
-        self._vote_topology(False, timeout)
+        self._vote_topology(False, timeout, admit)
 
     def optimize_topology(self, timeout: float | None = None) -> None:
         """Like :meth:`update_topology`, and first measure the bandwidth of every directed pair of
@@ -379,16 +381,16 @@ class Communicator:
         call update_topology or optimize_topology; one optimize vote makes it an optimization.
         Raises what update_topology raises.
         """
-        self._vote_topology(True, timeout)
+        self._vote_topology(True, timeout, True)
 
-    def _vote_topology(self, optimize: bool, timeout: float | None) -> None:
+    def _vote_topology(self, optimize: bool, timeout: float | None, admit: bool) -> None:
         deadline = time.monotonic() + (self.config.topology_timeout if timeout is None else timeout)
         with self._cond:
             self._check()
             if self._ops or self._sync is not None:
                 raise InvalidUsage("update_topology() while collectives are in flight; wait for them first")
             start = self._revision
-            self._send(m.VoteTopology(optimize=optimize))
+            self._send(m.VoteTopology(optimize=optimize, admit=admit))
             self._wait(lambda: self._new_topology is not None and self._new_topology.revision > start,
                        deadline, "the topology update (every accepted peer must call update_topology)")
             topo = self._new_topology
@@ -433,6 +435,69 @@ class Communicator:
         what ``all_reduce`` would. Ops in flight at once need distinct tags."""
         prepared = self._prepare(src, dst, op, quantization, algorithm, tag, timeout)
         return AllReduceHandle(self, prepared)
+
+    def all_reduce_many(self, tensors: list, op: ReduceOp = ReduceOp.SUM,
+                        quantization: Quantization = Quantization.NONE, algorithm: Algorithm = Algorithm.AUTO,
+                        max_in_flight: int = 16, tag_base: int = 0, retries: int = 5,
+                        timeout: float | None = None) -> list[ReduceInfo]:
+        """All-reduce every tensor of ``tensors`` in place, up to ``max_in_flight`` at once (tags
+        ``tag_base .. tag_base + max_in_flight - 1``), in list order on every peer.
+
+        Tensors whose op fails with PeerFailure or Aborted are retried after
+        ``update_topology(admit=False)`` (dead peers dropped, newcomers kept waiting), up to
+        ``retries`` times: so, like PCCL, tensors reduced before a death count the old world and
+        retried ones the survivors (``ReduceInfo.world_size`` says which). Returns one ReduceInfo
+        per tensor. Raises what all_reduce raises once the retries are spent, and InvalidUsage,
+        MasterUnreachable, Kicked at once; every tensor not reduced is then unchanged.
+        """
+        if not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= self.config.max_in_flight:
+            raise InvalidUsage(f"max_in_flight must be an int in 1..{self.config.max_in_flight}")
+        if type(tag_base) is not int or tag_base < 0 or tag_base + max_in_flight > SYNC_TAG:
+            raise InvalidUsage("tag_base must be a non-negative int")
+        results: list[ReduceInfo | None] = [None] * len(tensors)
+        todo = list(range(len(tensors)))
+        retry = (PeerFailure, Aborted)
+        for attempt in range(retries + 1):
+            failed: list[int] = []
+            error: PcclError | None = None
+            window: list[tuple[int, AllReduceHandle]] = []
+
+            def note(i: int, exc: PcclError) -> None:
+                nonlocal error
+                failed.append(i)
+                if error is None or (isinstance(error, retry) and not isinstance(exc, retry)):
+                    error = exc
+
+            def reap(i: int, h: AllReduceHandle) -> None:
+                try:
+                    results[i] = h.wait()
+                except PcclError as exc:
+                    note(i, exc)
+
+            for n, i in enumerate(todo):
+                if len(window) == max_in_flight:
+                    reap(*window.pop(0))
+                if error is not None:  # the group needs a topology update: stop starting ops
+                    failed.append(i)
+                    continue
+                try:
+                    window.append((i, self.all_reduce_async(
+                        tensors[i], op=op, quantization=quantization, algorithm=algorithm,
+                        tag=tag_base + n % max_in_flight, timeout=timeout)))
+                except PcclError as exc:
+                    note(i, exc)
+            for i, h in window:
+                reap(i, h)
+            if not failed:
+                return [r for r in results if r is not None]
+            assert error is not None
+            if not isinstance(error, retry) or attempt == retries:
+                raise error
+            log.info("peer %s: %d of %d all-reduces failed (%s); retrying after a topology update",
+                     self._peer_id, len(failed), len(tensors), error)
+            self.update_topology(admit=False)
+            todo = sorted(failed)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _prepare(self, src: Any, dst: Any, op: Any, quantization: Any, algorithm: Any, tag: Any,
                  timeout: float | None) -> _Op:

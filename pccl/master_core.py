@@ -70,6 +70,7 @@ class PeerRec:
     alive: bool = True
     voted: bool = False
     optimize: bool = False
+    hold_pending: bool = False  # voted with admit=False
     last_seen: float = 0.0
     state_revision: int | None = None  # shared-state revision of its last sync
 
@@ -149,7 +150,7 @@ class MasterCore:
             pending = any(p.alive and not p.accepted for p in self.peers.values())
             self._send(out, conn, m.PendingReply(req=msg.req, pending=pending), now)
         elif isinstance(msg, m.VoteTopology):
-            self._vote(peer, msg.optimize, now, out)
+            self._vote(peer, msg.optimize, msg.admit, now, out)
         elif isinstance(msg, m.Announce):
             self._announce(peer, msg, now, out)
         elif isinstance(msg, m.SyncVote):
@@ -270,12 +271,13 @@ class MasterCore:
                 if p is not None and p.alive:
                     self._send(out, p.conn, m.OpFailed(tag=key[1], kind=kind, message=reason), now)
 
-    def _vote(self, peer: PeerRec, optimize: bool, now: float, out: list[Send]) -> None:
+    def _vote(self, peer: PeerRec, optimize: bool, admit: bool, now: float, out: list[Send]) -> None:
         if not peer.accepted:
             self._kill(peer, f"peer {peer.peer_id} voted on the topology before it was accepted", now, out, notify=True)
             return
         peer.voted = True
         peer.optimize = peer.optimize or optimize
+        peer.hold_pending = peer.hold_pending or not admit
         for op in list(self.ops.values()):
             if peer.peer_id in op.participants:
                 self._decide(op, False, "aborted",
@@ -302,6 +304,8 @@ class MasterCore:
                 voters = self.live_members()
         elif not pending:
             return
+        if any(p.hold_pending for p in voters):
+            pending = []  # a retry inside a step: drop the dead, admit newcomers at the next update
         # Commit: survivors keep their ring order (re-ordered by the last measurement when there
         # was one), newcomers join in registration order.
         for pid in [p for p in self.ring if not self.peers[p].alive]:
@@ -314,6 +318,7 @@ class MasterCore:
             p = self.peers[pid]
             p.accepted = True
             p.voted = False
+            p.hold_pending = False
         topo = m.Topology(revision=self.revision, members=tuple(
             m.Member(peer_id=p.peer_id, group=p.group, host=p.host, port=p.port, locality=p.locality)
             for p in (self.peers[i] for i in self.ring)))

@@ -43,7 +43,7 @@ class H:
     def vote_all(self, *conns: str) -> list[Send]:
         out: list[Send] = []
         for c in conns:
-            out += self.send(c, m.VoteTopology(optimize=False))
+            out += self.send(c, m.VoteTopology(optimize=False, admit=True))
         return out
 
     def world(self, *conns: str, group: int = 0) -> None:
@@ -101,7 +101,7 @@ def test_second_peer_waits_for_the_vote():
     assert [(s.conn, type(s.msg)) for s in out] == [("b", m.Registered)]
     assert to(h.send("a", m.PendingQuery(req=5)), "a") == [m.PendingReply(req=5, pending=True)]
     assert to(h.send("b", m.PendingQuery(req=6)), "b") == [m.PendingReply(req=6, pending=True)]
-    out = h.send("a", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=False, admit=True))
     topos = of(out, m.Topology)
     assert sorted(s.conn for s in topos) == ["a", "b"]
     assert {s.msg for s in topos} == {topos[0].msg}
@@ -116,7 +116,7 @@ def test_commit_needs_every_accepted_vote_and_keeps_ring_order():
     h.register("d")
     h.register("e")
     assert of(h.vote_all("c", "a"), m.Topology) == []
-    out = h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("b", m.VoteTopology(optimize=False, admit=True))
     topo = of(out, m.Topology)[0].msg
     assert [x.peer_id for x in topo.members] == [h.pid[c] for c in "abcde"]
     assert sorted(s.conn for s in of(out, m.Topology)) == list("abcde")
@@ -132,13 +132,13 @@ def test_commit_needs_every_accepted_vote_and_keeps_ring_order():
 def test_revoting_is_idempotent_and_lone_vote_commits():
     h = H()
     h.register("a")
-    out = h.send("a", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=False, admit=True))
     assert [(s.conn, s.msg.revision) for s in of(out, m.Topology)] == [("a", 2)]  # nothing changed: still a commit
     h.register("b")
     h.register("c")
-    assert of(h.send("a", m.VoteTopology(optimize=False)), m.Topology)[0].msg.revision == 3
+    assert of(h.send("a", m.VoteTopology(optimize=False, admit=True)), m.Topology)[0].msg.revision == 3
     assert of(h.vote_all("b", "b", "c", "c"), m.Topology) == []
-    out = h.send("a", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=False, admit=True))
     assert sorted(s.conn for s in of(out, m.Topology)) == ["a", "b", "c"]
     assert h.core.revision == 4
     assert not any(p.voted for p in h.core.peers.values())
@@ -148,7 +148,7 @@ def test_pending_peer_voting_is_kicked():
     h = H()
     h.register("a")
     h.register("b")
-    out = h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("b", m.VoteTopology(optimize=False, admit=True))
     assert [type(x) for x in to(out, "b")] == [m.Kicked]
     assert h.pid["b"] not in h.core.peers
     assert to(h.send("b", m.Heartbeat()), "b") == [m.Kicked(reason="unknown peer: you were removed; register again")]
@@ -189,7 +189,7 @@ def test_status_text_shows_every_state():
     h = H()
     h.world("a", "b", "c")
     h.register("p", group=1)
-    h.send("a", m.VoteTopology(optimize=False))
+    h.send("a", m.VoteTopology(optimize=False, admit=True))
     h.core.disconnected("b", h.now)
     text = h.core.status_text()
     assert "revision 3" in text
@@ -409,7 +409,7 @@ def test_announce_while_a_member_votes_is_aborted():
     h = H()
     h.world("a", "b", "c")
     h.announce("a", tag=3)
-    out = h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("b", m.VoteTopology(optimize=False, admit=True))
     assert to(out, "a") == [m.OpFailed(tag=3, kind="aborted", message=to(out, "a")[0].message)]
     out = h.announce("c", tag=4)
     assert [(x.tag, x.kind) for x in to(out, "c")] == [(4, "aborted")]
@@ -423,7 +423,7 @@ def test_vote_during_an_op_aborts_it():
     h = H()
     h.world("a", "b")
     cm = h.commence("a", "b")
-    out = h.send("a", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=False, admit=True))
     assert sorted(s.conn for s in of(out, m.Verdict)) == ["a", "b"]
     assert all(s.msg.kind == "aborted" and not s.msg.ok for s in of(out, m.Verdict))
     assert h.core.ops == {} and cm.seq not in h.core.ops
@@ -545,7 +545,7 @@ def test_protocol_error_kicks_known_and_unknown():
     assert "zz" not in h.core.by_conn
 
 
-@pytest.mark.parametrize("msg", [m.VoteTopology(optimize=False), m.PendingQuery(req=1), m.Withdraw(tag=1),
+@pytest.mark.parametrize("msg", [m.VoteTopology(optimize=False, admit=True), m.PendingQuery(req=1), m.Withdraw(tag=1),
                                  m.OpReport(seq=1, ok=True, kind="", message=""), m.Heartbeat(),
                                  m.Announce(tag=1, kind="k", count=1, dtype="d", op="o", algorithm="a",
                                             quantization="q")])
@@ -593,7 +593,7 @@ def test_reregistering_after_death_gets_a_new_id():
     h.core.disconnected("b", 1.0)
     h.register("b")
     assert h.pid["b"] != old
-    out = h.send("a", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=False, admit=True))
     topo = of(out, m.Topology)[0].msg
     assert [x.peer_id for x in topo.members] == [h.pid["a"], h.pid["b"]]
     assert old not in h.core.peers
@@ -606,7 +606,7 @@ VARIANTS = [{}] * 7 + [{"count": 9}, {"dtype": "int32"}, {"op": "max"}]
 FORBIDDEN = [m.Registered(peer_id=1, accepted=True), m.Verdict(seq=1, ok=True, kind="", message=""),
              m.Topology(revision=1, members=()), m.Kicked(reason="x"), m.PeerDown(peer_id=1, reason="x"),
              m.Commence(tag=1, seq=1, revision=1, participants=(1,)), m.StatusReply(req=1, text="")]
-STRANGER_MSGS = [m.Heartbeat(), m.Leave(), m.VoteTopology(optimize=False), m.PendingQuery(req=1), m.Withdraw(tag=1),
+STRANGER_MSGS = [m.Heartbeat(), m.Leave(), m.VoteTopology(optimize=False, admit=True), m.PendingQuery(req=1), m.Withdraw(tag=1),
                  m.OpReport(seq=1, ok=True, kind="", message=""), m.StatusQuery(req=2),
                  m.Announce(tag=1, **BASE_ARGS)] + FORBIDDEN
 IDX = st.integers(0, 1 << 16)
@@ -895,7 +895,7 @@ class MasterMachine(RuleBasedStateMachine):
         p = self.pick([q for q in self.with_state("accepted") if not q.voting], i)
         if p:
             p.voting = True
-            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False), self.now))
+            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False, admit=True), self.now))
             assert not p.announced and not p.ops  # its own announcements and ops were failed
 
     @rule(i=IDX, tag=st.integers(0, 3), variant=st.integers(0, len(VARIANTS) - 1))
@@ -991,7 +991,7 @@ class MasterMachine(RuleBasedStateMachine):
         for p in peers:
             if p.state == "accepted" and not p.voting:
                 p.voting = True
-                self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False), self.now))
+                self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False, admit=True), self.now))
 
     @rule(group=st.integers(0, 1), tag=st.integers(0, 3), odd=st.integers(-1, 12),
           variant=st.integers(1, len(VARIANTS) - 1), order=st.randoms(use_true_random=False))
@@ -1081,7 +1081,7 @@ class MasterMachine(RuleBasedStateMachine):
     def pending_votes(self, i):
         p = self.pick(self.with_state("pending"), i)
         if p:
-            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False), self.now))
+            self.step(lambda: self.core.handle(p.conn, m.VoteTopology(optimize=False, admit=True), self.now))
             assert p.state == "dead"
 
     def forbidden_message(self, i, which):

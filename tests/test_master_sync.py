@@ -82,11 +82,11 @@ def test_a_dead_holder_does_not_fail_the_sync_and_a_dead_receiver_ends_it():
 def test_sync_refused_in_a_dirty_group_and_while_someone_votes():
     h = H()
     h.world("a", "b", "c")
-    h.send("b", m.VoteTopology(optimize=False))
+    h.send("b", m.VoteTopology(optimize=False, admit=True))
     out = h.send("a", vote())
     assert to(out, "a")[0].kind == "aborted"
-    h.send("a", m.VoteTopology(optimize=False))
-    h.send("c", m.VoteTopology(optimize=False))
+    h.send("a", m.VoteTopology(optimize=False, admit=True))
+    h.send("c", m.VoteTopology(optimize=False, admit=True))
     h.core.disconnected("c", h.now)
     out = h.send("a", vote())
     assert to(out, "a", m.PeerDown)[0].kind == "peer_failure"
@@ -96,7 +96,7 @@ def test_a_pending_sync_vote_is_failed_when_a_member_votes_on_the_topology():
     h = H()
     h.world("a", "b")
     h.send("a", vote())
-    out = h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("b", m.VoteTopology(optimize=False, admit=True))
     (f,) = of(out, m.OpFailed)
     assert f.conn == "a" and f.msg.tag == SYNC_TAG and f.msg.kind == "aborted"
 
@@ -137,9 +137,9 @@ def test_optimize_measures_every_pair_once_and_orders_the_ring_around_the_slow_l
     h.world("a", "b", "c", "d")
     out = []
     for c in "abc":
-        out += h.send(c, m.VoteTopology(optimize=c == "b"))
+        out += h.send(c, m.VoteTopology(optimize=c == "b", admit=True))
     assert of(out, m.Probe) == []
-    out = h.send("d", m.VoteTopology(optimize=False))
+    out = h.send("d", m.VoteTopology(optimize=False, admit=True))
     slow = {("a", "b"): 1e6, ("b", "a"): 1e6}  # a and b must not be ring neighbours in either direction
     topo = run_measurement(h, out, slow)
     assert h.core.revision == 5  # four joins, one commit after the measurement    assert len(h.core.bandwidth) == 12
@@ -151,7 +151,7 @@ def test_optimize_measures_every_pair_once_and_orders_the_ring_around_the_slow_l
     # measured pairs are not measured again
     out = []
     for c in "abcd":
-        out += h.send(c, m.VoteTopology(optimize=True))
+        out += h.send(c, m.VoteTopology(optimize=True, admit=True))
     assert of(out, m.Probe) == [] and sorted(s.conn for s in of(out, m.Topology)) == list("abcd")
 
 
@@ -160,7 +160,7 @@ def test_probe_round_times_out_and_a_dead_prober_is_skipped():
     h.world("a", "b", "c")
     out = []
     for c in "abc":
-        out += h.send(c, m.VoteTopology(optimize=True))
+        out += h.send(c, m.VoteTopology(optimize=True, admit=True))
     assert probes(out)
     assert h.core.next_deadline() < h.now + CFG.probe_seconds + 30
     # nobody answers: rounds time out one after the other, then the topology commits anyway
@@ -177,7 +177,7 @@ def test_probe_round_times_out_and_a_dead_prober_is_skipped():
     # a prober that dies mid-round is skipped
     out = []
     for c in "abc":
-        out += h.send(c, m.VoteTopology(optimize=True))
+        out += h.send(c, m.VoteTopology(optimize=True, admit=True))
     first = probes(out)
     out = h.core.disconnected(first[0][0], h.now)
     names = {v: k for k, v in h.pid.items()}
@@ -203,8 +203,8 @@ def test_probe_round_times_out_and_a_dead_prober_is_skipped():
 def test_stale_or_bogus_probe_results_are_ignored():
     h = H()
     h.world("a", "b")
-    out = h.send("a", m.VoteTopology(optimize=True))
-    out += h.send("b", m.VoteTopology(optimize=False))
+    out = h.send("a", m.VoteTopology(optimize=True, admit=True))
+    out += h.send("b", m.VoteTopology(optimize=False, admit=True))
     (c, p), = probes(out)[:1]
     assert h.send(c, m.ProbeResult(round=p.round + 5, target=p.target, bytes_per_second=1.0)) == []
     assert h.core.bandwidth == {}
@@ -246,7 +246,7 @@ def test_sync_flows_under_random_interleavings(events):
             receivers.pop(c, None)
             out = h.core.disconnected(c, h.now)
         elif kind == "topology" and c in live:
-            out = h.send(c, m.VoteTopology(optimize=False))
+            out = h.send(c, m.VoteTopology(optimize=False, admit=True))
         elif kind == "tick":
             h.now += 0.5
             for x in live:

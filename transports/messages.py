@@ -110,9 +110,11 @@ class PendingQuery:
 
 @message("vote_topology")
 class VoteTopology:
-    """The peer waits in update_topology (``optimize``: optimize_topology, measure links first)."""
+    """The peer waits in update_topology (``optimize``: optimize_topology, measure links first;
+    ``admit`` false: only drop dead peers, keep pending ones waiting)."""
 
     optimize: bool
+    admit: bool
 
 
 @message("announce")
