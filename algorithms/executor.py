@@ -14,6 +14,11 @@ How it works
    aside in overwrite order; a receive waits for its piece's copy before the first overwrite and
    ``restore()`` puts the caller's bytes back after an abort.
 5. ``abort()`` records the reason and shuts the link's sockets, which ends every blocked program.
+6. Quantized (``codec`` not NONE, float32 SUM/AVG): reduce-scatter hops send ``encode(piece)``
+   of the partial sum and the receiver adds ``decode(bytes)`` in float32; the owner of a chunk,
+   after finalizing it, adopts ``decode(encode(x))`` and keeps the encoded bytes; the all-gather
+   forwards those bytes verbatim (receivers keep what they received to forward it), so every peer
+   decodes the very same bytes and ends bit-identical (ALGORITHMS.md §5.2, §5.4).
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ import time
 
 import numpy as np
 
-from pccl.enums import ReduceOp
+from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
-from pccl.algorithms import kernels
+from pccl.algorithms import codecs, kernels
 from pccl.algorithms.backup import Backup
 from pccl.algorithms.ring import RingPlan
 from pccl.transports import framing
@@ -51,9 +56,16 @@ class RingJob:
     """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
-                 links: LinkSet, max_frame: int, backup: Backup | None = None) -> None:
-        """``backup`` (of ``inp``, for this plan) is required when ``out is inp``."""
+                 links: LinkSet, max_frame: int, backup: Backup | None = None,
+                 codec: Quantization = Quantization.NONE) -> None:
+        """``backup`` (of ``inp``, for this plan) is required when ``out is inp``. A ``codec``
+        other than NONE needs float32 buffers and op SUM or AVG."""
         self.plan, self.seq, self.op = plan, seq, op
+        self.codec = None if codec is Quantization.NONE else codec
+        if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
+            raise ValueError("quantized ring jobs reduce float32 with SUM or AVG")
+        # encoded all-gather pieces by (chunk, piece): the owner's, then each one received
+        self.encoded: dict[tuple[int, int], np.ndarray] = {}
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame
@@ -152,7 +164,13 @@ class RingJob:
                     self._check()
                     lo, hi = plan.piece(step.send_chunk, j)
                     if hi > lo:
-                        payload = _bytes(src[lo:hi])
+                        if self.codec is None:
+                            payload = _bytes(src[lo:hi])
+                        elif step.reduce:
+                            size = codecs.encoded_size(self.codec, hi - lo)
+                            payload = _bytes(codecs.encode(self.codec, src[lo:hi], out=conn.scratch(size)))
+                        else:
+                            payload = _bytes(self.encoded[(step.send_chunk, j)])
                         hdr = framing.encode_frame(framing.FrameHeader(self.seq, step.index, j, len(payload)))
                         send_frame(sock, hdr, payload)
                         self.tx[lane] += len(payload)
@@ -174,7 +192,8 @@ class RingJob:
                     self._check()
                     lo, hi = plan.piece(step.recv_chunk, j)
                     if hi > lo:
-                        nbytes = (hi - lo) * itemsize
+                        nbytes = (hi - lo) * itemsize if self.codec is None else codecs.encoded_size(
+                            self.codec, hi - lo)
                         recv_exact(sock, hdr_view)
                         h = framing.decode_frame(hdr_buf, self.max_frame)
                         if (h.seq, h.step, h.piece, h.nbytes) != (self.seq, step.index, j, nbytes):
@@ -185,7 +204,9 @@ class RingJob:
                         if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
                             self.backup.wait(lo, hi)
                             self.touched.append((lo, hi))
-                        if step.reduce:
+                        if self.codec is not None:
+                            self._receive_quantized(sock, conn, step, j, lo, hi, nbytes)
+                        elif step.reduce:
                             buf = conn.scratch(nbytes).view(self.out.dtype)
                             recv_exact(sock, _bytes(buf))
                             kernels.reduce_into(self.op, self.inp[lo:hi], buf, target)
@@ -199,3 +220,24 @@ class RingJob:
                         self._cond.notify_all()
 
         return run
+
+    def _receive_quantized(self, sock: socket.socket, conn: Connection, step, j: int, lo: int, hi: int,
+                           nbytes: int) -> None:
+        target = self.out[lo:hi]
+        if step.reduce:
+            buf = conn.scratch(nbytes)
+            recv_exact(sock, _bytes(buf))
+            if self.out is not self.inp:
+                np.copyto(target, self.inp[lo:hi])
+            codecs.decode_add(self.codec, buf, target)
+            if step.final:
+                kernels.finalize(self.op, target, self.plan.world)
+                # The owner adopts decode(encode(x)) and keeps the bytes the all-gather forwards.
+                enc = codecs.encode(self.codec, target).copy()
+                codecs.decode(self.codec, enc, out=target)
+                self.encoded[(step.recv_chunk, j)] = enc
+        else:
+            enc = np.empty(nbytes, dtype=np.uint8)
+            recv_exact(sock, _bytes(enc))
+            codecs.decode(self.codec, enc, out=target)
+            self.encoded[(step.recv_chunk, j)] = enc

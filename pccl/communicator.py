@@ -82,6 +82,7 @@ class _Op:
         self.backup: backup_mod.Backup | None = None  # copy of the input of an in-place op
         self.revision = 0  # world revision when announced
         self.plan: ring.RingPlan | None = None
+        self.quantization = Quantization.NONE
 
 
 class _SyncWait:
@@ -264,7 +265,7 @@ class Communicator:
             if op.plan is None:
                 raise PeerFailure(f"op {msg.seq} commenced although this peer was alone when it announced it")
             op.job = RingJob(op.plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
-                             op.backup)
+                             op.backup, op.quantization)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
@@ -507,8 +508,6 @@ class Communicator:
             algorithm = Algorithm(algorithm)
         except ValueError as exc:
             raise InvalidUsage(str(exc)) from exc
-        if quantization is not Quantization.NONE:
-            raise InvalidUsage(f"quantization {quantization.name} is not available yet; use Quantization.NONE")
         if algorithm not in (Algorithm.AUTO, Algorithm.RING):
             raise InvalidUsage(f"algorithm {algorithm.name} is not available yet; use AUTO or RING")
         if type(tag) is not int or tag < 0 or tag >= SYNC_TAG:
@@ -533,11 +532,20 @@ class Communicator:
         else:
             inp = sb.array
             out = inp if in_place else db.array
+        error = ""
+        if quantization is not Quantization.NONE:
+            if inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG):
+                raise InvalidUsage(f"quantization {quantization.name} applies to float32, float16 and bfloat16 "
+                                   f"tensors with op SUM or AVG (got {sb.dtype}, {op.name})")
+            if inp.size and not (np.isfinite(inp.min()) and np.isfinite(inp.max())):
+                bad = int(np.flatnonzero(~np.isfinite(inp))[0])
+                error = f"quantized all-reduce input contains NaN/inf (first at index {bad})"
         deadline = time.monotonic() + (self.config.op_timeout if timeout is None else timeout)
         ann = m.Announce(tag=tag, kind="all_reduce", count=int(inp.size), dtype=sb.dtype, op=op.value,
-                         algorithm=algorithm.value, quantization=quantization.value)
+                         algorithm=algorithm.value, quantization=quantization.value, error=error)
         rec = _Op(tag, ann, op, inp, out, deadline)
         rec.commit = commit
+        rec.quantization = quantization
         with self._cond:
             self._check()
             if self._sync is not None:
@@ -578,6 +586,8 @@ class Communicator:
                     store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
                     rec.backup = backup_mod.Backup(rec.inp, store, rec.plan)
         if world == 1:
+            if rec.announce.error:
+                raise InvalidUsage(rec.announce.error)
             if rec.out is not rec.inp:
                 np.copyto(rec.out, rec.inp)
             kernels.finalize(rec.op, rec.out, 1)

@@ -496,6 +496,12 @@ class MasterCore:
             return
         del self.announced[key]
         first = waiting[members[0].peer_id]
+        bad = "; ".join(f"peer {pid}: {a.error}" for pid, a in sorted(waiting.items()) if a.error)
+        if bad:
+            for pid in waiting:
+                self._send(out, self.peers[pid].conn, m.OpFailed(tag=msg.tag, kind="invalid_usage",
+                                                                 message=f"collective tag {msg.tag} refused: {bad}"), now)
+            return
         for name in _AGREE:
             values = {pid: getattr(a, name) for pid, a in waiting.items()}
             if len(set(values.values())) > 1:

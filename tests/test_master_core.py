@@ -59,7 +59,7 @@ class H:
     def announce(self, conn: str, tag: int = 1, count: int = 10, dtype: str = "float32", op: str = "sum",
                  kind: str = "all_reduce") -> list[Send]:
         return self.send(conn, m.Announce(tag=tag, kind=kind, count=count, dtype=dtype, op=op,
-                                          algorithm="ring", quantization="none"))
+                                          algorithm="ring", quantization="none", error=""))
 
     def commence(self, *conns: str, tag: int = 1) -> m.Commence:
         out: list[Send] = []
@@ -548,7 +548,7 @@ def test_protocol_error_kicks_known_and_unknown():
 @pytest.mark.parametrize("msg", [m.VoteTopology(optimize=False, admit=True), m.PendingQuery(req=1), m.Withdraw(tag=1),
                                  m.OpReport(seq=1, ok=True, kind="", message=""), m.Heartbeat(),
                                  m.Announce(tag=1, kind="k", count=1, dtype="d", op="o", algorithm="a",
-                                            quantization="q")])
+                                            quantization="q", error="")])
 def test_unknown_connection_is_kicked(msg):
     h = H()
     h.world("a")
@@ -601,7 +601,8 @@ def test_reregistering_after_death_gets_a_new_id():
 
 # =========================================================================== stateful test
 SCFG = CFG
-BASE_ARGS = dict(kind="all_reduce", count=8, dtype="float32", op="sum", algorithm="ring", quantization="none")
+BASE_ARGS = dict(kind="all_reduce", count=8, dtype="float32", op="sum", algorithm="ring", quantization="none",
+                 error="")
 VARIANTS = [{}] * 7 + [{"count": 9}, {"dtype": "int32"}, {"op": "max"}]
 FORBIDDEN = [m.Registered(peer_id=1, accepted=True), m.Verdict(seq=1, ok=True, kind="", message=""),
              m.Topology(revision=1, members=()), m.Kicked(reason="x"), m.PeerDown(peer_id=1, reason="x"),

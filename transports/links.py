@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from pccl.config import Config
-from pccl.errors import PcclTimeout, PeerFailure, ProtocolError
+from pccl.errors import InvalidUsage, PcclTimeout, PeerFailure, ProtocolError
 from pccl.transports import framing
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Connection:
                 try:
                     program(self)
                 except BaseException as exc:  # reported to the op; the connection is unusable now
-                    err = exc if isinstance(exc, (PeerFailure, ProtocolError, PcclTimeout)) else (
+                    err = exc if isinstance(exc, (PeerFailure, ProtocolError, PcclTimeout, InvalidUsage)) else (
                         PeerFailure(f"data connection {self.name} failed: {exc}"))
                     self.broken = err
                     self.abort()

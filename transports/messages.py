@@ -119,7 +119,8 @@ class VoteTopology:
 
 @message("announce")
 class Announce:
-    """A peer wants to run collective ``tag`` with these arguments (the master checks agreement)."""
+    """A peer wants to run collective ``tag`` with these arguments (the master checks agreement);
+    a non-empty ``error`` (e.g. non-finite input to a quantized op) fails it on every peer."""
 
     tag: int
     kind: str
@@ -128,6 +129,7 @@ class Announce:
     op: str
     algorithm: str
     quantization: str
+    error: str
 
 
 @message("withdraw")
