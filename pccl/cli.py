@@ -1,4 +1,4 @@
-"""The ``pccl`` command: master, launch, bench, bench-sync, demo, status."""
+"""The ``pccl`` command: master, launch, bench, bench-sync, bench-wan, demo, status."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,12 @@ def _bench_sync(args: argparse.Namespace) -> int:
     return bench_sync_main(args.rest)
 
 
+def _bench_wan(args: argparse.Namespace) -> int:
+    from pccl.bench_wan import main as bench_wan_main
+
+    return bench_wan_main(args.rest)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pccl.demo import main as demo_main
 
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     p.set_defaults(fn=_bench_sync, rest=[])
 
+    p = sub.add_parser("bench-wan", help="all-reduce across emulated hosts: quantized vs not, K connections "
+                       "vs one (root; see pccl bench-wan -h)", add_help=False)
+    p.set_defaults(fn=_bench_wan, rest=[])
+
     p = sub.add_parser("demo", help="the main job: all-reduce under churn (see pccl demo -h)", add_help=False)
     p.set_defaults(fn=_demo, rest=[])
 
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # bench and demo parse their own options: hand them everything after the subcommand.
     for i, a in enumerate(argv):
         if not a.startswith("-"):
-            if a in ("bench", "bench-sync", "demo"):
+            if a in ("bench", "bench-sync", "bench-wan", "demo"):
                 args = parser.parse_args(argv[: i + 1])
                 args.rest = argv[i + 1:]
                 break
