@@ -255,7 +255,7 @@ def state(args) -> None:
             if comm.are_peers_pending():
                 comm.update_topology()
                 emit("topology", world=comm.world_size)
-            if comm.world_size < args.world:
+            if comm.world_size < args.world and synced == 0:  # the full world only for the first sync
                 time.sleep(0.05)
                 continue
             emit("sync_start", world=comm.world_size)

@@ -92,9 +92,18 @@ def test_mismatched_src_dst_and_bad_arguments(solo):
 def test_unimplemented_features_say_so(solo):
     x = np.ones(4, dtype=np.float32)
     with pytest.raises(pccl.InvalidUsage, match="not available yet"):
-        solo.all_reduce(x, quantization=pccl.Quantization.UINT8)
-    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
         solo.all_reduce(x, algorithm=pccl.Algorithm.STAR)
+    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
+        solo.all_reduce(x, algorithm=pccl.Algorithm.HIERARCHICAL)
+
+
+def test_quantization_in_a_world_of_one_returns_the_input_and_checks_it(solo):
+    x = np.arange(4, dtype=np.float32)
+    solo.all_reduce(x, quantization=pccl.Quantization.UINT8)
+    assert x.tolist() == [0, 1, 2, 3]
+    x[2] = np.inf
+    with pytest.raises(pccl.InvalidUsage, match="NaN/inf"):
+        solo.all_reduce(x, quantization=pccl.Quantization.UINT8)
 
 
 def test_calls_after_close_raise(master):

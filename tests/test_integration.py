@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import socket
 import time
@@ -144,7 +145,8 @@ def test_garbage_to_master_and_data_ports(cluster_factory):
     ctx.term()
     # Garbage and silence at a peer's data port.
     status = cluster.master.status()
-    data_ports = [int(line.split()[3].rsplit(":", 1)[1]) for line in status.splitlines()[3:] if "accepted" in line]
+    data_ports = [int(tok.rsplit(":", 1)[1]) for line in status.splitlines() if " accepted" in line
+                  for tok in line.split() if re.fullmatch(r"[\d.]+:\d+", tok)]
     assert data_ports
     idle = []
     for dp in data_ports:

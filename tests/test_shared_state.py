@@ -240,8 +240,12 @@ def test_torch_tensors_including_bfloat16(master):
         close_all(comms)
 
 
-def test_large_state_is_striped_across_all_holders(master):
+def test_large_state_is_striped_across_all_holders():
+    # small pieces (48 of them for 6 connections), so one fast holder cannot take them all
+    master = pccl.Master("127.0.0.1", 0).start()
     comms = group(master, 4)
+    for c in comms:
+        c.config = c.config.replace(pipeline_bytes=256 << 10)
     try:
         big = np.random.default_rng(3).standard_normal(3 << 20).astype(np.float32)  # 12 MiB: 3 pieces each
         states = [pccl.SharedState({"big": big.copy()}, revision=1) for _ in range(3)]
@@ -253,6 +257,7 @@ def test_large_state_is_striped_across_all_holders(master):
         assert sum(1 for i in infos[:3] if i.tx_bytes > 0) >= 2, "more than one holder served"
     finally:
         close_all(comms)
+        master.close()
 
 
 def test_sync_refused_while_a_peer_waits_in_update_topology(master):
