@@ -108,8 +108,9 @@ def solve_ring(bw: Matrix, *, exact_limit: int = 9, seed: int = 0, time_limit: f
 
     Exact for N <= min(exact_limit, 16); otherwise the bottleneck is exact up to N = 16 and the
     sum comes from ``iterations`` seeded local-search rounds (see the module docstring).
-    ``time_limit`` (seconds, None = none) only caps runaway inputs: N <= 16 needs about 0.1 s,
-    but from N ~ 30 the local search can reach it, and then the result depends on CPU speed.
+    ``time_limit`` (seconds, None = none) only caps runaway inputs: N = 12 takes ~0.15 s and
+    N = 16 ~0.4 s of CPU, but from N ~ 30 the local search can reach the default 1 s cap, and then
+    the result depends on CPU speed.
     Raises InvalidUsage if ``bw`` is not a matrix.
     """
     w = _bandwidth(bw)
