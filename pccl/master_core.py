@@ -326,6 +326,17 @@ class MasterCore:
         for pid in self.ring:
             self._send(out, self.peers[pid].conn, topo, now)
 
+    def _cannot_start(self, peer: PeerRec) -> tuple[str, str] | None:
+        """Why ``peer`` may not start a collective or a sync now, as (error kind, message)."""
+        if not peer.accepted:
+            return "invalid_usage", "this peer is not accepted yet"
+        if peer.group in self.dirty:
+            return "peer_failure", self.dirty[peer.group]
+        voter = next((p for p in self.live_members(peer.group) if p.voted), None)
+        if voter is not None:
+            return "aborted", f"peer {voter.peer_id} is waiting in update_topology; call update_topology and retry"
+        return None
+
     # ------------------------------------------------------------------ optimize_topology
     def _start_measuring(self, voters: list[PeerRec], now: float, out: list[Send]) -> None:
         rounds: list[list[tuple[int, int]]] = []
@@ -394,16 +405,11 @@ class MasterCore:
         def refuse(kind: str, why: str) -> None:
             self._send(out, peer.conn, m.OpFailed(tag=SYNC_TAG, kind=kind, message=why), now)
 
-        if not peer.accepted:
-            return refuse("invalid_usage", "this peer is not accepted yet")
+        why = self._cannot_start(peer)
+        if why is not None:
+            return refuse(*why)
         g = peer.group
-        if g in self.dirty:
-            return refuse("peer_failure", self.dirty[g])
         members = self.live_members(g)
-        voter = next((p for p in members if p.voted), None)
-        if voter is not None:
-            return refuse("aborted", f"peer {voter.peer_id} is waiting in update_topology; "
-                                     "call update_topology and retry")
         key = (g, SYNC_TAG)
         if peer.peer_id in self.announced.get(key, {}) or any(
                 peer.peer_id in s.participants for s in self.syncs.values()):
@@ -472,16 +478,11 @@ class MasterCore:
         def refuse(kind: str, why: str) -> None:
             self._send(out, peer.conn, m.OpFailed(tag=msg.tag, kind=kind, message=why), now)
 
-        if not peer.accepted:
-            return refuse("invalid_usage", "this peer is not accepted yet")
+        why = self._cannot_start(peer)
+        if why is not None:
+            return refuse(*why)
         g = peer.group
-        if g in self.dirty:
-            return refuse("peer_failure", self.dirty[g])
         members = self.live_members(g)
-        voter = next((p for p in members if p.voted), None)
-        if voter is not None:
-            return refuse("aborted", f"peer {voter.peer_id} is waiting in update_topology; "
-                                     "call update_topology and retry")
         key = (g, msg.tag)
         busy = any(op.tag == msg.tag and peer.peer_id in op.participants for op in self.ops.values())
         if peer.peer_id in self.announced.get(key, {}) or busy:

@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 
 import pccl
+import test_shared_state as shared
+from test_shared_state import group
 
 torch = pytest.importorskip("torch")
 
@@ -53,42 +54,8 @@ def master():
         yield m
 
 
-def group(master, n, connections=2):
-    """n connected communicators in one group (the first admits the others); from test_shared_state."""
-    first = pccl.Communicator(master.address, connections=connections).connect()
-    rest = [pccl.Communicator(master.address, connections=connections) for _ in range(n - 1)]
-    ts = [threading.Thread(target=c.connect) for c in rest]
-    for t in ts:
-        t.start()
-    deadline = time.monotonic() + 30
-    while master.core.peers and sum(not p.accepted for p in master.core.peers.values()) < n - 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    first.update_topology()
-    for t in ts:
-        t.join(30)
-    comms = [first] + rest
-    assert all(c.world_size == n for c in comms)
-    return comms
-
-
 def together(fns, timeout=180):
-    """Run one callable per peer at once; returns (results, errors)."""
-    out, err = [None] * len(fns), [None] * len(fns)
-
-    def run(i, fn):
-        try:
-            out[i] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            err[i] = exc
-
-    ts = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate(fns)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout)
-        assert not t.is_alive(), "a peer hung"
-    return out, err
+    return shared.together(fns, timeout)
 
 
 def theta_bytes(model) -> bytes:
