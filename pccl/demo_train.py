@@ -183,6 +183,7 @@ class _Run:
         self.tx = 0
         self.steps_done = 0  # inner steps summed over peers
         self.digests: dict[int, dict[int, str]] = {}  # outer step -> peer -> digest of theta
+        self.worlds: dict[int, dict[int, tuple[int, int]]] = {}  # outer step -> peer -> (world, step)
         self.final: dict[int, tuple[int, str]] = {}
         self.val: dict[int, list[float]] = {}
         self.stderr = open(args.log, "w") if args.log else subprocess.DEVNULL
@@ -214,6 +215,7 @@ class _Run:
                     self.world, self.loss = ev["world"], ev["loss"]
                     if "outer" in ev:
                         self.digests.setdefault(ev["outer"], {})[ev["peer"]] = ev["digest"]
+                        self.worlds.setdefault(ev["outer"], {})[ev["peer"]] = (ev["world"], ev["step"])
                         self.tx += ev["tx"]
                     if "val" in ev:
                         self.val.setdefault(ev["step"], []).append(ev["val"])
@@ -308,6 +310,10 @@ class _Run:
         else:
             print(f"VERDICT: FAIL - mismatched outer steps {mismatched[:5]}, final digests {finals}, "
                   f"finished peers {len(self.final)}")
+            for k in sorted(mismatched)[:3]:
+                print(f"  outer step {k}: " + ", ".join(
+                    f"peer {p}: {d[:10]} (world {self.worlds[k][p][0]}, step {self.worlds[k][p][1]})"
+                    for p, d in sorted(self.digests[k].items())))
         return 0 if ok else 1
 
     @staticmethod
