@@ -62,13 +62,13 @@ def _bench_wan(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if "--train" in args.rest:  # streaming DiLoCo training under churn (work in progress, issue 5)
-        from pccl.demo_train import main as train_main
+    if "--allreduce" in args.rest:  # raw all-reduces with exact answers under churn
+        from pccl.demo import main as demo_main
 
-        return train_main([a for a in args.rest if a != "--train"])
-    from pccl.demo import main as demo_main
+        return demo_main([a for a in args.rest if a != "--allreduce"])
+    from pccl.demo_train import main as train_main
 
-    return demo_main(args.rest)
+    return train_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                        "vs one (root; see pccl bench-wan -h)", add_help=False)
     p.set_defaults(fn=_bench_wan, rest=[])
 
-    p = sub.add_parser("demo", help="the main job: all-reduce under churn (see pccl demo -h; --train: streaming "
-                       "DiLoCo training under churn, work in progress)", add_help=False)
+    p = sub.add_parser("demo", help="the main job: streaming DiLoCo training under churn (see pccl demo -h; "
+                       "--allreduce: raw all-reduces under churn)", add_help=False)
     p.set_defaults(fn=_demo, rest=[])
 
     argv = list(sys.argv[1:] if argv is None else argv)
