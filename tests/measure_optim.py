@@ -18,21 +18,11 @@ import pccl
 from pccl.demo_train import batch, baseline, encode_text, generate_text, loss_of, make_model, val_loss
 from pccl.optim import DiLoCo, StreamingDiLoCo
 from pccl.optim.spsa import SharedSeedSPSA
+from test_shared_state import group as shared_group
 
 
 def group(master, n):
-    comms = [pccl.Communicator(master.address, connections=1) for _ in range(n)]
-    ts = [threading.Thread(target=c.connect) for c in comms[1:]]
-    comms[0].connect()
-    for t in ts:
-        t.start()
-    while comms[0].world_size < n:
-        if comms[0].are_peers_pending():
-            comms[0].update_topology()
-        time.sleep(0.02)
-    for t in ts:
-        t.join(60)
-    return comms
+    return shared_group(master, n, connections=1)
 
 
 def run_peers(n, make_opt, steps, bs, record):
@@ -77,6 +67,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sync-every", type=int, default=25)
     p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--only", help="run just this configuration (diloco_fp32, diloco_uint8, streaming_fp4)")
+    p.add_argument("--no-spsa", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()
     n, H = args.peers, args.sync_every
@@ -95,6 +87,8 @@ def main() -> None:
             fragments=2, overlap=1, alpha=0.5, quantization=pccl.Quantization.FP4),
          2 * (n - 1) / n * 0.5 * nparams / 2),
     ]:
+        if args.only and name != args.only:
+            continue
         rec: dict = {}
         t0 = time.time()
         res = run_peers(n, make, args.steps, 16, rec)
@@ -106,8 +100,16 @@ def main() -> None:
         print(name, json.dumps(cell), flush=True)
     base = baseline(argparse.Namespace(steps=args.steps, batch=16, context=32, lr=3e-3, eval_every=args.steps), n)
     out["dp_val_loss"] = base[-1][1]
-    out["diloco_vs_dp"] = float(np.mean(out["diloco_fp32"]["val_loss"])) / base[-1][1]
-    print("data-parallel baseline val loss", base[-1][1], "DiLoCo/DP", out["diloco_vs_dp"], flush=True)
+    for name in ("diloco_fp32", "diloco_uint8", "streaming_fp4"):
+        if name in out:
+            out[name]["vs_dp"] = float(np.mean(out[name]["val_loss"])) / base[-1][1]
+    print("data-parallel baseline val loss", base[-1][1],
+          {k: v["vs_dp"] for k, v in out.items() if isinstance(v, dict) and "vs_dp" in v}, flush=True)
+    if args.no_spsa:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     # SPSA: payload and bytes on the wire per step
     master = pccl.Master("127.0.0.1", 0).start()
     comms = group(master, n)
