@@ -19,10 +19,23 @@ import threading
 import time
 import traceback
 
+import pytest
 import torch
 
 D_IN, HIDDEN = 16, 64
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per op, and a short GIL switch interval: the master and the peers' control
+    threads live in this process, beside up to four training threads."""
+    n, interval = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)
+    sys.setswitchinterval(0.0005)
+    yield
+    torch.set_num_threads(n)
+    sys.setswitchinterval(interval)
 
 def mlp(dtype: torch.dtype = torch.float32, width: int = HIDDEN) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(D_IN, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)).to(dtype)

@@ -3,7 +3,6 @@ then learning and joins with real communicators in threads (in-process master, r
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 import warnings
@@ -16,7 +15,8 @@ from torch.optim.sgd import sgd
 import pccl
 from pccl.optim import DiLoCo, RetryPolicy, outer_sgd_
 from pccl.optim import _resilient as rs
-from optim_worker import (
+from optim_worker import (  # noqa: F401 - one_thread is an autouse fixture
+    one_thread,
     FakeGroup, TinyAdam, adam, dataset, group, loss_fn, run_steps, student, eval_loss, together, train_plain,
 )
 
@@ -26,16 +26,6 @@ from optim_worker import (
 STEPS, H = 400, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per op, and a short GIL switch interval: the master and the peers' control
-    threads live in this process, beside up to four training threads."""
-    n, interval = torch.get_num_threads(), sys.getswitchinterval()
-    torch.set_num_threads(1)
-    sys.setswitchinterval(0.0005)
-    yield
-    torch.set_num_threads(n)
-    sys.setswitchinterval(interval)
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 step, and a SIGKILLed peer mid-run. Workers are ``tests/optim_worker.py``; every wait is bounded."""
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -15,54 +13,18 @@ from pathlib import Path
 import pytest
 
 import pccl
+from cluster import Peer
 
 WORKER = str(Path(__file__).with_name("optim_worker.py"))
 
 
-class Worker:
+class Worker(Peer):
+    """An optimizer worker process; event reading and ``expect`` come from ``cluster.Peer``."""
+
     def __init__(self, index: int, env: dict, args: list[str]) -> None:
-        self.index = index
-        self.popen = subprocess.Popen([sys.executable, WORKER, "diloco", "--index", str(index), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      stdin=subprocess.DEVNULL)
-        self.events: queue.Queue[dict] = queue.Queue()
-        self.log: list[dict] = []
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = {"event": "text", "text": line.rstrip()}
-            self.log.append(ev)
-            self.events.put(ev)
-        self.events.put({"event": "exit"})
-
-    def _read_err(self) -> None:
-        assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            self.stderr.append(line.rstrip())
-
-    def expect(self, event: str, timeout: float, **match) -> dict:
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"worker {self.index}: no {event} {match} within {timeout}s; "
-                                     f"log tail {self.log[-3:]}, stderr {self.stderr[-10:]}")
-            try:
-                ev = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if ev["event"] == event and all(ev.get(k) == v for k, v in match.items()):
-                return ev
-            if ev["event"] in ("crash", "exit"):
-                raise AssertionError(f"worker {self.index} ended while waiting for {event}: {ev}; "
-                                     f"stderr {self.stderr[-15:]}")
+        super().__init__(index, subprocess.Popen([sys.executable, WORKER, "diloco", "--index", str(index), *args],
+                                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 stdin=subprocess.DEVNULL))
 
     def outer(self) -> dict[int, dict]:
         return {e["step"]: e for e in self.log if e["event"] == "outer"}

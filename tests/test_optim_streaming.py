@@ -2,7 +2,6 @@
 the reduction to DiLoCo, FP4 on the wire and learning, with real communicators where it matters."""
 from __future__ import annotations
 
-import sys
 import threading
 
 import numpy as np
@@ -12,21 +11,12 @@ import torch
 import pccl
 from pccl.optim import DiLoCo, StreamingDiLoCo
 from pccl.optim.streaming import check_overlap, events_at, merge_, offsets, partition
+from optim_worker import one_thread  # noqa: F401 - an autouse fixture
 from optim_worker import FakeGroup, adam, dataset, group, run_steps, student, eval_loss, together, train_plain
 
 STEPS, H = 400, 10  # reduced toy length for the default suite; the spec's lengths are marked slow
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per op, and a short GIL switch interval: the master and the peers' control
-    threads live in this process, beside up to four training threads."""
-    n, interval = torch.get_num_threads(), sys.getswitchinterval()
-    torch.set_num_threads(1)
-    sys.setswitchinterval(0.0005)
-    yield
-    torch.set_num_threads(n)
-    sys.setswitchinterval(interval)
 
 
 @pytest.fixture
