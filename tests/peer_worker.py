@@ -76,6 +76,10 @@ def reference(inputs: list[np.ndarray], op: str, dtype: str) -> np.ndarray:
 
 
 def matrix(args) -> None:
+    if args.torch:
+        # Import before connecting: loading libtorch holds the GIL for seconds on a slow machine,
+        # which would starve the heartbeat thread past peer_timeout (README, "Failure semantics").
+        import torch  # noqa: F401
     comm = pccl.Communicator()
     join(comm, args.world)
     counts = [0, 1, max(args.world - 1, 1), args.world + 1, 1000, 100003]
