@@ -25,10 +25,12 @@ def overwrite_order(plan: RingPlan) -> list[tuple[int, int]]:
 
 
 class Backup:
-    def __init__(self, src: np.ndarray, store: np.ndarray, plan: RingPlan) -> None:
+    def __init__(self, src: np.ndarray, store: np.ndarray, order: list[tuple[int, int]]) -> None:
+        """``order``: the piece ranges in the order they are first overwritten (for a ring plan,
+        :func:`overwrite_order`)."""
         self.src = src
         self.store = store  # same dtype and size as src
-        self.order = overwrite_order(plan)
+        self.order = order
         self._index = {r: i for i, r in enumerate(self.order)}
         self._done = 0
         self._cond = threading.Condition()

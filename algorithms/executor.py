@@ -25,6 +25,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -57,9 +58,12 @@ class RingJob:
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
                  links: LinkSet, max_frame: int, backup: Backup | None = None,
-                 codec: Quantization = Quantization.NONE) -> None:
-        """``backup`` (of ``inp``, for this plan) is required when ``out is inp``. A ``codec``
-        other than NONE needs float32 buffers and op SUM or AVG."""
+                 codec: Quantization = Quantization.NONE, gate: Callable[[], None] | None = None,
+                 restored_by_caller: bool = False) -> None:
+        """``backup`` (of ``inp``, for this plan) is required when ``out is inp``, unless
+        ``restored_by_caller`` (a hierarchical job that backs up the whole buffer itself). A
+        ``codec`` other than NONE needs float32 buffers and op SUM or AVG. ``gate()`` runs first in
+        every lane program (it blocks until the ring's input is ready, or raises)."""
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
         if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
@@ -69,8 +73,9 @@ class RingJob:
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame
-        if out is inp and plan.world > 1 and backup is None:
+        if out is inp and plan.world > 1 and backup is None and not restored_by_caller:
             raise ValueError("an in-place ring job needs a backup buffer")
+        self.gate = gate
         self.backup = backup if out is inp and plan.world > 1 else None
         self.touched: list[tuple[int, int]] = []
         self._cond = threading.Condition()
@@ -151,6 +156,8 @@ class RingJob:
         per_step = len(pieces)
 
         def run(conn: Connection) -> None:
+            if self.gate is not None:
+                self.gate()
             sock = conn.sock
             i = 0
             for step in plan.steps:
@@ -186,6 +193,8 @@ class RingJob:
         hdr_view = memoryview(hdr_buf)
 
         def run(conn: Connection) -> None:
+            if self.gate is not None:
+                self.gate()
             sock = conn.sock
             for step in plan.steps:
                 for j in pieces:

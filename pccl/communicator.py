@@ -19,6 +19,7 @@ How it works
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -40,12 +41,13 @@ from pccl.errors import (
 from pccl.master_core import SYNC_TAG
 from pccl.shared_state import SharedState, SyncInfo, digest
 from pccl.algorithms import backup as backup_mod
-from pccl.algorithms import kernels, ring
+from pccl.algorithms import codecs, groups, kernels, ring, select
 from pccl.algorithms.executor import RingJob
+from pccl.algorithms.group_exec import GroupJob
 from pccl.transports import messages as m
 from pccl.transports import framing, probe, state_transfer
 from pccl.transports.control import ControlChannel
-from pccl.transports.links import LinkSet, Listener, build_links
+from pccl.transports.links import LinkSet, Listener, Mesh, build_links
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,14 @@ class _Op:
         self.commence: m.Commence | None = None
         self.refused: PcclError | None = None
         self.start_error: PcclError | None = None
-        self.job: RingJob | None = None
+        self.job: RingJob | GroupJob | None = None
         self.verdict: m.Verdict | None = None
         self.commit: Callable[[], None] | None = None  # writes a staged result into the user's dst
         self.backup: backup_mod.Backup | None = None  # copy of the input of an in-place op
         self.revision = 0  # world revision when announced
-        self.plan: ring.RingPlan | None = None
+        self.plan: ring.RingPlan | groups.GroupPlan | None = None
         self.quantization = Quantization.NONE
+        self.algorithm = Algorithm.AUTO  # as requested; resolved when the op is planned
 
 
 class _SyncWait:
@@ -148,6 +151,7 @@ class Communicator:
         self._ring: tuple[int, ...] = ()
         self._new_topology: m.Topology | None = None
         self._links = LinkSet.empty(0)
+        self._mesh: Mesh | None = None  # direct connections for star / hierarchical ops
         self._links_ok = False
         self._dead: set[int] = set()  # peers the master reported dead (ids are never reused)
         self._replies: dict[int, bool] = {}
@@ -264,8 +268,15 @@ class Communicator:
                 raise PeerFailure("this peer's data links are down; call update_topology and retry")
             if op.plan is None:
                 raise PeerFailure(f"op {msg.seq} commenced although this peer was alone when it announced it")
-            op.job = RingJob(op.plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
-                             op.backup, op.quantization)
+            if isinstance(op.plan, ring.RingPlan):
+                op.job = RingJob(op.plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
+                                 op.backup, op.quantization)
+            else:
+                if self._mesh is None:
+                    raise PeerFailure("this peer's data links are down; call update_topology and retry")
+                op.job = GroupJob(op.plan, msg.seq, op.op, op.inp, op.out, self._mesh, self._ring,
+                                  self.config.max_frame_bytes, op.deadline, op.backup, op.quantization,
+                                  self.config.pipeline_bytes)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
@@ -334,14 +345,19 @@ class Communicator:
             if all(mb.peer_id != me for mb in topo.members):
                 self._fail(Kicked("the new topology does not include this peer"))
                 self._check()
-            old = self._links
+            old, old_mesh = self._links, self._mesh
             self._links = LinkSet.empty(topo.revision)
             self._links_ok = False
             self._revision = topo.revision
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
             self._members = {mb.peer_id: mb for mb in topo.members}
+            assert self._listener is not None
+            self._mesh = Mesh(self._listener, topo.revision, me,
+                              {pid: (mb.host, mb.port) for pid, mb in self._members.items()},
+                              self.connections, self.config, abandoned=lambda pid: pid in self._dead)
         old.close()
-        assert self._listener is not None
+        if old_mesh is not None:
+            old_mesh.close()
         self._listener.drop_older(topo.revision)
         n = len(self._ring)
         log.info("peer %d: revision %d, ring %s", me, topo.revision, self._ring)
@@ -508,8 +524,6 @@ class Communicator:
             algorithm = Algorithm(algorithm)
         except ValueError as exc:
             raise InvalidUsage(str(exc)) from exc
-        if algorithm not in (Algorithm.AUTO, Algorithm.RING):
-            raise InvalidUsage(f"algorithm {algorithm.name} is not available yet; use AUTO or RING")
         if type(tag) is not int or tag < 0 or tag >= SYNC_TAG:
             raise InvalidUsage(f"tag must be an int in 0..{SYNC_TAG - 1}")
         sb = tensors.wrap(src, "src")
@@ -546,6 +560,7 @@ class Communicator:
         rec = _Op(tag, ann, op, inp, out, deadline)
         rec.commit = commit
         rec.quantization = quantization
+        rec.algorithm = algorithm
         with self._cond:
             self._check()
             if self._sync is not None:
@@ -580,11 +595,7 @@ class Communicator:
             world = len(self._ring)
             rec.revision = self._revision
             if world > 1:
-                rec.plan = ring.plan(rec.inp.size, world, self.rank, rec.inp.dtype.itemsize,
-                                     self.config.pipeline_bytes, self.connections)
-                if rec.out is rec.inp:
-                    store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
-                    rec.backup = backup_mod.Backup(rec.inp, store, rec.plan)
+                self._plan(rec)
         if world == 1:
             if rec.announce.error:
                 raise InvalidUsage(rec.announce.error)
@@ -642,6 +653,30 @@ class Communicator:
         if local is not None:
             raise local
         raise error_from_kind(verdict.kind, verdict.message)
+
+    def _plan(self, rec: _Op) -> None:
+        """Resolve AUTO, build the schedule and the backup of an in-place op (lock held). The
+        resolved algorithm goes into the announcement, so the master checks that all agree."""
+        c = self.config
+        localities = [self._members[pid].locality for pid in self._ring]
+        itemsize = rec.inp.dtype.itemsize
+        nbytes = rec.inp.size * itemsize
+        if rec.quantization is not Quantization.NONE:
+            nbytes = codecs.encoded_size(rec.quantization, rec.inp.size)
+        algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, c.link_bytes_per_second,
+                             c.wan_bytes_per_second, c.reduce_bytes_per_second)
+        rec.announce = dataclasses.replace(rec.announce, algorithm=algo.value)
+        world, rank = len(self._ring), self.rank
+        if algo is Algorithm.RING:
+            rec.plan = ring.plan(rec.inp.size, world, rank, itemsize, c.pipeline_bytes, self.connections)
+            order = backup_mod.overwrite_order(rec.plan)
+        else:
+            rec.plan = groups.plan(rec.inp.size, localities, rank, itemsize, c.pipeline_bytes, self.connections,
+                                   star=algo is Algorithm.STAR)
+            order = groups.overwrite_order(rec.plan)
+        if rec.out is rec.inp:
+            store = self._pool.take(rec.inp.nbytes).view(rec.inp.dtype)
+            rec.backup = backup_mod.Backup(rec.inp, store, order)
 
     def _abort_restore(self, rec: _Op) -> None:
         job = rec.job
@@ -773,6 +808,8 @@ class Communicator:
         if self._control is not None:
             self._control.close(final=m.Leave())
         self._links.close()
+        if self._mesh is not None:
+            self._mesh.close()
         if self._listener is not None:
             self._listener.close()
         for t in self._probes:

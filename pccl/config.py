@@ -46,6 +46,12 @@ class Config:
     max_in_flight: int = 16
     #: Duration of one bandwidth probe of optimize_topology (one directed pair).
     probe_seconds: float = 1.0
+    #: AUTO's cost model (ALGORITHMS.md §6, docs/benchmarks.md): seconds per message hop (alpha),
+    #: link bandwidth inside one locality and between localities, and reduction speed (bytes/s).
+    alpha_seconds: float = 5e-4
+    link_bytes_per_second: float = 1e9
+    wan_bytes_per_second: float = 1.25e8
+    reduce_bytes_per_second: float = 2e9
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -36,7 +36,7 @@ def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None):
     jobs, backups = [], []
     for r in range(n):
         plan = ring.plan(inputs[r].size, n, r, inputs[r].itemsize, pipeline_bytes, k)
-        b = Backup(inputs[r], np.empty_like(inputs[r]), plan) if in_place and n > 1 else None
+        b = Backup(inputs[r], np.empty_like(inputs[r]), overwrite_order(plan)) if in_place and n > 1 else None
         if b is not None:
             b.run()
         backups.append(b)
@@ -139,7 +139,7 @@ def test_overwrite_order_covers_every_piece_once():
 
 def test_backup_wait_raises_when_cancelled():
     plan = ring.plan(100, 2, 0, 4, 64, 1)
-    b = Backup(np.ones(100, np.float32), np.empty(100, np.float32), plan)
+    b = Backup(np.ones(100, np.float32), np.empty(100, np.float32), overwrite_order(plan))
     lo, hi = b.order[-1]
     b.cancel()
     with pytest.raises(PeerFailure):

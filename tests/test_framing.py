@@ -73,10 +73,11 @@ def test_frame_cap_boundary():
 
 
 def test_handshake_index_and_kind_checked():
-    ok = f.encode_handshake(f.Handshake(1, 2, f.MAX_CONNECTIONS - 1))
-    assert f.decode_handshake(ok).index == f.MAX_CONNECTIONS - 1
+    top = f.MESH_INDEX + f.MAX_CONNECTIONS - 1  # ring links 0..63, mesh links 64..127
+    ok = f.encode_handshake(f.Handshake(1, 2, top))
+    assert f.decode_handshake(ok).index == top
     with pytest.raises(ProtocolError):
-        f.decode_handshake(f.encode_handshake(f.Handshake(1, 2, f.MAX_CONNECTIONS)))
+        f.decode_handshake(f.encode_handshake(f.Handshake(1, 2, top + 1)))
     for kind in f.KINDS:
         assert f.decode_handshake(f.encode_handshake(f.Handshake(1, 2, 0, kind))).kind == kind
     unknown_kind = struct.pack("<8sQQII", f.HANDSHAKE_MAGIC, 1, 2, 0, 7)
@@ -202,8 +203,8 @@ def test_handshake_magic_flips_refused(i, x):
         assert result is None
     elif 28 <= i:  # kind: only the known kinds pass
         assert result is None or result.kind in f.KINDS
-    elif i >= 24:  # index: valid only while below MAX_CONNECTIONS
-        assert result is None or result.index < f.MAX_CONNECTIONS
+    elif i >= 24:  # index: valid only while below MESH_INDEX + MAX_CONNECTIONS
+        assert result is None or result.index < f.MESH_INDEX + f.MAX_CONNECTIONS
 
 
 @FUZZ

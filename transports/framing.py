@@ -30,6 +30,8 @@ HANDSHAKE_SIZE = _HANDSHAKE.size
 ACK_SIZE = _ACK.size
 FRAME_SIZE = _FRAME.size
 MAX_CONNECTIONS = 64
+#: first handshake index of star/hierarchical (mesh) connections; ring links use 0..K-1
+MESH_INDEX = MAX_CONNECTIONS
 
 #: handshake kinds
 KIND_LINK = 0
@@ -75,7 +77,7 @@ def decode_handshake(data: bytes) -> Handshake:
     magic, pid, rev, index, kind = _HANDSHAKE.unpack(data)
     if magic != HANDSHAKE_MAGIC:
         raise ProtocolError("bad handshake magic (not a pccl data connection, or another version)")
-    if index >= MAX_CONNECTIONS or kind not in KINDS:
+    if index >= MESH_INDEX + MAX_CONNECTIONS or kind not in KINDS:
         raise ProtocolError(f"bad handshake fields (index {index}, kind {kind})")
     return Handshake(pid, rev, index, kind)
 

@@ -204,10 +204,16 @@ def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, ind
 class Connection:
     """One socket and the worker thread that runs lane programs on it, one after another."""
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket | None, name: str,
+                 opener: Callable[[], socket.socket] | None = None) -> None:
+        """``sock`` None: the worker thread opens it with ``opener()`` before the first program
+        (a lazily opened mesh connection); if that fails, every program fails with its error."""
+        self.sock = sock  # type: ignore[assignment]
         self.name = name
         self.broken: BaseException | None = None
+        self._opener = opener
+        self._aborted = False
+        self._open_lock = threading.Lock()
         self._scratch = np.empty(0, dtype=np.uint8)
         self._queue: queue.SimpleQueue[tuple[Program, Callable[[BaseException | None], None]] | None] = (
             queue.SimpleQueue())
@@ -230,6 +236,8 @@ class Connection:
             if item is None:
                 return
             program, done = item
+            if self.sock is None and self.broken is None:
+                self._open()
             err: BaseException | None = self.broken
             if err is None:
                 try:
@@ -246,9 +254,29 @@ class Connection:
             except Exception:  # a bug in a callback must not kill the lane
                 log.exception("lane completion callback failed")
 
-    def abort(self) -> None:
+    def _open(self) -> None:
+        assert self._opener is not None
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            sock = self._opener()
+        except BaseException as exc:
+            self.broken = exc if isinstance(exc, PeerFailure) else PeerFailure(
+                f"opening data connection {self.name} failed: {exc}")
+            return
+        with self._open_lock:
+            self.sock = sock
+            aborted = self._aborted
+        if aborted:
+            self.broken = PeerFailure(f"data connection {self.name} was aborted")
+            self.abort()
+
+    def abort(self) -> None:
+        with self._open_lock:
+            self._aborted = True
+            sock = self.sock
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -257,7 +285,8 @@ class Connection:
         self._queue.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 class LinkSet:
@@ -323,3 +352,61 @@ def build_links(listener: Listener, revision: int, my_id: int, right: tuple[int,
     send = [Connection(s, f"r{revision}-to{rid}-{i}") for i, s in enumerate(out) if s is not None]
     recv = [Connection(s, f"r{revision}-from{left}-{i}") for i, s in enumerate(inc)]
     return LinkSet(revision, rid, left, send, recv)
+
+
+class Mesh:
+    """Direct connections of one world revision to any participant, for star and hierarchical
+    collectives: K per directed pair, opened lazily by each connection's own worker thread on
+    first use (the dialing side connects, the other claims from the listener), cached until the
+    next topology. Connection indices start at ``MESH_INDEX`` so they never collide with ring
+    links of the same pair."""
+
+    def __init__(self, listener: "Listener", revision: int, my_id: int, addresses: dict[int, tuple[str, int]],
+                 k: int, config: Config, abandoned: Callable[[int], bool] = lambda pid: False) -> None:
+        self.listener, self.revision, self.my_id = listener, revision, my_id
+        self.addresses, self.k, self.config, self.abandoned = addresses, k, config, abandoned
+        self._lock = threading.Lock()
+        self._send: dict[int, list[Connection]] = {}
+        self._recv: dict[int, list[Connection]] = {}
+        self._closed = False
+
+    def send(self, peer: int) -> list[Connection]:
+        """K send-only connections to ``peer``."""
+        with self._lock:
+            if self._closed:
+                raise PeerFailure("the data links of this revision are closed")
+            if peer not in self._send:
+                host, port = self.addresses[peer]
+                self._send[peer] = [Connection(
+                    None, f"r{self.revision}-mesh-to{peer}-{i}",
+                    lambda i=i: connect(host, port, self.my_id, peer, self.revision, framing.MESH_INDEX + i,
+                                        self.config)) for i in range(self.k)]
+            return self._send[peer]
+
+    def recv(self, peer: int) -> list[Connection]:
+        """K receive-only connections from ``peer``."""
+        with self._lock:
+            if self._closed:
+                raise PeerFailure("the data links of this revision are closed")
+            if peer not in self._recv:
+                self._recv[peer] = [Connection(
+                    None, f"r{self.revision}-mesh-from{peer}-{i}",
+                    lambda i=i: self.listener.claim(
+                        self.revision, peer, framing.MESH_INDEX + i,
+                        time.monotonic() + self.config.connect_timeout, lambda: self.abandoned(peer)))
+                    for i in range(self.k)]
+            return self._recv[peer]
+
+    def _all(self) -> list[Connection]:
+        with self._lock:
+            return [c for conns in list(self._send.values()) + list(self._recv.values()) for c in conns]
+
+    def abort(self) -> None:
+        for c in self._all():
+            c.abort()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for c in self._all():
+            c.close()

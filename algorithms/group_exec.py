@@ -1,0 +1,363 @@
+"""Runs a :class:`~pccl.algorithms.groups.GroupPlan` (star or hierarchical all-reduce) over the
+direct connections of a :class:`~pccl.transports.links.Mesh`.
+
+How it works
+1. ``start()`` queues every program of every phase at once, on every connection this rank uses,
+   in the master's commence order (so all peers queue them in the same order and concurrent ops
+   never cross). A program of a later phase first blocks in a *gate* until the phase it depends on
+   finished on this rank, or the job failed.
+2. Phase A: a send program per (owner, lane) sends this rank's pieces of that owner's shard; an
+   owner runs a receive program per (member, lane) into one buffer per member. When piece p has
+   arrived from every member, the thread that completed it reduces piece p in member order into
+   the output (quantized: decode-accumulate in float32), then counts it.
+3. Phase B (owners, several groups): a :class:`RingJob` over the column's ring, gated on phase A.
+4. Phase C: the owner finalizes its shard once (AVG: divide by the world size; quantized: adopt
+   decode(encode(x)) and keep the bytes), then a send program per (member, lane) sends it; every
+   member runs a receive program per (owner, lane) that copies (or decodes) it into the output.
+5. In place, a :class:`Backup` holds the whole input; receives wait for its copy before the first
+   overwrite and ``restore()`` puts the touched ranges back after an abort (the same contract as
+   the ring job). ``abort()`` shuts the mesh's sockets, which ends every blocked program.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from pccl.enums import Quantization, ReduceOp
+from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
+from pccl.algorithms import codecs, kernels, ring
+from pccl.algorithms.backup import Backup
+from pccl.algorithms.executor import RingJob, _bytes, send_frame
+from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
+from pccl.transports import framing
+from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
+
+
+class GroupJob:
+    """One star or hierarchical all-reduce of ``inp`` into ``out`` on the mesh of one revision."""
+
+    def __init__(self, plan: GroupPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
+                 mesh: Mesh, peers: tuple[int, ...], max_frame: int, deadline: float,
+                 backup: Backup | None = None, codec: Quantization = Quantization.NONE,
+                 pipeline_bytes: int = 4 << 20) -> None:
+        """``peers[r]`` is the peer id of rank r. ``backup`` (whole input) is required in place."""
+        self.plan, self.seq, self.op = plan, seq, op
+        self.codec = None if codec is Quantization.NONE else codec
+        if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
+            raise ValueError("quantized group jobs reduce float32 with SUM or AVG")
+        if out is inp and backup is None:
+            raise ValueError("an in-place group job needs a backup buffer")
+        self.inp, self.out, self.mesh, self.peers = inp, out, mesh, peers
+        self.max_frame, self.deadline, self.backup = max_frame, deadline, backup if out is inp else None
+        self.pipeline_bytes = pipeline_bytes
+        self.touched: list[tuple[int, int]] = []
+        self.encoded: dict[int, np.ndarray] = {}  # the owner's final pieces as sent (quantized)
+        self._cond = threading.Condition()
+        self._running = 0
+        self.failed: BaseException | None = None
+        self.tx = self.rx = 0
+        self._arrived = [0] * plan.pieces
+        self._reduced = 0
+        self._final_lock = threading.Lock()
+        self._finalized = False
+        self.ring: RingJob | None = None
+        j = plan.owned
+        self._bufs: dict[int, list] = {}
+        if j is not None:
+            lo, hi = plan.shards[j]
+            for x in plan.members:
+                if x != plan.rank:  # one receive buffer per member: raw values, or encoded pieces
+                    self._bufs[x] = ([None] * plan.pieces if self.codec is not None
+                                     else np.empty(hi - lo, dtype=out.dtype))
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        plan = self.plan
+        programs: list[tuple[Connection, object]] = []
+        j = plan.owned
+        lanes = range(plan.lanes)
+        for shard in range(plan.columns):  # phase A sends
+            if shard != j:
+                conns = self.mesh.send(self.peers[plan.owner(shard)])
+                programs += [(conns[k], self._sender(shard, k, STEP_REDUCE)) for k in lanes]
+        if j is not None:  # phase A receives
+            for x in plan.members:
+                if x != plan.rank:
+                    conns = self.mesh.recv(self.peers[x])
+                    programs += [(conns[k], self._reduce_receiver(x, k)) for k in lanes]
+            column = plan.column()
+            if len(column) > 1:  # phase B
+                lo, hi = plan.shards[j]
+                g = column.index(plan.rank)
+                rplan = ring.plan(hi - lo, len(column), g, self.out.dtype.itemsize, self.pipeline_bytes,
+                                  self.mesh.k)
+                nxt, prv = self.peers[column[(g + 1) % len(column)]], self.peers[column[g - 1]]
+                links = LinkSet(self.mesh.revision, nxt, prv, self.mesh.send(nxt), self.mesh.recv(prv))
+                view = self.out[lo:hi]
+                self.ring = RingJob(rplan, self.seq, ReduceOp.SUM if self.op is ReduceOp.AVG else self.op,
+                                    view, view, links, self.max_frame, codec=self.codec or Quantization.NONE,
+                                    gate=self._phase_a_done, restored_by_caller=True)
+            for x in plan.members:  # phase C sends
+                if x != plan.rank:
+                    conns = self.mesh.send(self.peers[x])
+                    programs += [(conns[k], self._sender(j, k, STEP_BROADCAST)) for k in lanes]
+        for shard in range(plan.columns):  # phase C receives
+            if shard != j:
+                conns = self.mesh.recv(self.peers[plan.owner(shard)])
+                programs += [(conns[k], self._copy_receiver(shard, k)) for k in lanes]
+        with self._cond:
+            self._running = len(programs)
+        # Ring programs are queued after this rank's phase A programs on their connections (the
+        # ring uses other connections than phase A/C: its peers are in other groups).
+        for conn, prog in programs[:self._phase_a_count(programs)]:
+            conn.submit(prog, self._lane_done)
+        if self.ring is not None:
+            self.ring.start()
+        for conn, prog in programs[self._phase_a_count(programs):]:
+            conn.submit(prog, self._lane_done)
+
+    def _phase_a_count(self, programs: list) -> int:
+        plan = self.plan
+        j = plan.owned
+        sends = (plan.columns - (1 if j is not None else 0)) * plan.lanes
+        recvs = (len(plan.members) - 1) * plan.lanes if j is not None else 0
+        return sends + recvs
+
+    def _lane_done(self, err: BaseException | None) -> None:
+        with self._cond:
+            self._running -= 1
+            if err is not None and self.failed is None:
+                self.failed = err
+            self._cond.notify_all()
+
+    def wait(self, deadline: float) -> None:
+        """Block until every program (and the column ring) finished; raise the first error or PcclTimeout."""
+        with self._cond:
+            while self._running > 0 and self.failed is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
+                self._cond.wait(min(left, 1.0))
+            if self.failed is not None:
+                raise self.failed
+        if self.plan.owned is not None:
+            self._finalize()  # an owner with no other members sends nothing, so finalize here
+
+    def abort(self, reason: BaseException) -> None:
+        with self._cond:
+            if self.failed is None:
+                self.failed = reason
+            self._cond.notify_all()
+        if self.ring is not None:
+            self.ring.abort(reason)
+        self.mesh.abort()
+
+    def join(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._running > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return self.ring is None or self.ring.join(max(end - time.monotonic(), 0.0))
+
+    def restore(self) -> None:
+        if self.backup is not None:
+            self.backup.restore(self.touched)
+
+    @property
+    def tx_bytes(self) -> int:
+        return self.tx + (self.ring.tx_bytes if self.ring else 0)
+
+    @property
+    def rx_bytes(self) -> int:
+        return self.rx + (self.ring.rx_bytes if self.ring else 0)
+
+    # ------------------------------------------------------------------ phases
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
+
+    def _gate(self, ready) -> None:
+        with self._cond:
+            while not ready() and self.failed is None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise PcclTimeout(f"op {self.seq}: a phase did not finish before the deadline")
+                self._cond.wait(min(left, 1.0))
+        self._check()
+
+    def _phase_a_done(self) -> None:
+        """Gate: every piece of this rank's shard is reduced inside the group."""
+        if len(self.plan.members) == 1:
+            self._reduce_alone()
+        self._gate(lambda: self._reduced == self.plan.pieces)
+
+    def _reduce_alone(self) -> None:
+        with self._final_lock:
+            if self._reduced == self.plan.pieces:
+                return
+            for p in range(self.plan.pieces):
+                self._reduce_piece(p)
+
+    def _finalize(self) -> None:
+        """Once per job, on an owner, when its shard is fully reduced: AVG division, and for a
+        quantized op the adoption of decode(encode(x)) with the bytes phase C sends."""
+        self._phase_a_done()
+        if self.ring is not None:
+            self.ring.wait(self.deadline)
+        with self._final_lock:
+            if self._finalized:
+                return
+            j = self.plan.owned
+            assert j is not None
+            for p in range(self.plan.pieces):
+                lo, hi = self.plan.piece(j, p)
+                if hi <= lo:
+                    continue
+                target = self.out[lo:hi]
+                kernels.finalize(self.op, target, self.plan.world)
+                if self.codec is not None:
+                    enc = codecs.encode(self.codec, target).copy()
+                    codecs.decode(self.codec, enc, out=target)
+                    self.encoded[p] = enc
+            self._finalized = True
+
+    def _own(self, lo: int, hi: int) -> np.ndarray:
+        """This rank's original input for [lo, hi)."""
+        if self.backup is not None:
+            self.backup.wait(lo, hi)
+            return self.backup.store[lo:hi]
+        return self.inp[lo:hi]
+
+    def _reduce_piece(self, p: int) -> None:
+        """Reduce piece p of the owned shard in member order into the output."""
+        plan = self.plan
+        j = plan.owned
+        assert j is not None
+        lo, hi = plan.piece(j, p)
+        base = plan.shards[j][0]
+        if hi > lo:
+            target = self.out[lo:hi]
+            if self.backup is not None:
+                self.touched.append((lo, hi))
+            for i, x in enumerate(plan.members):
+                if x == plan.rank:
+                    src = self._own(lo, hi)
+                    if i == 0:
+                        if src is not target:
+                            np.copyto(target, src)
+                    else:
+                        kernels.reduce_into(self.op, target, src, target)
+                elif self.codec is not None:
+                    enc = self._bufs[x][p]
+                    if i == 0:
+                        codecs.decode(self.codec, enc, out=target)
+                    else:
+                        codecs.decode_add(self.codec, enc, target)
+                else:
+                    got = self._bufs[x][lo - base:hi - base]
+                    if i == 0:
+                        np.copyto(target, got)
+                    else:
+                        kernels.reduce_into(self.op, target, got, target)
+        with self._cond:
+            self._reduced += 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ lane programs
+    def _nbytes(self, lo: int, hi: int, encoded: bool) -> int:
+        return codecs.encoded_size(self.codec, hi - lo) if encoded else (hi - lo) * self.out.dtype.itemsize
+
+    def _pieces(self, lane: int) -> range:
+        return range(lane, self.plan.pieces, self.plan.lanes)
+
+    def _sender(self, shard: int, lane: int, step: int):
+        broadcast = step == STEP_BROADCAST
+
+        def run(conn: Connection) -> None:
+            if broadcast:
+                self._finalize()
+            for p in self._pieces(lane):
+                self._check()
+                lo, hi = self.plan.piece(shard, p)
+                if hi <= lo:
+                    continue
+                if self.codec is None:
+                    payload = _bytes((self.out if broadcast else self.inp)[lo:hi])
+                elif broadcast:
+                    payload = _bytes(self.encoded[p])
+                else:
+                    size = codecs.encoded_size(self.codec, hi - lo)
+                    payload = _bytes(codecs.encode(self.codec, self.inp[lo:hi], out=conn.scratch(size)))
+                send_frame(conn.sock, framing.encode_frame(framing.FrameHeader(self.seq, step, p, len(payload))),
+                           payload)
+                with self._cond:
+                    self.tx += len(payload)
+
+        return run
+
+    def _header(self, conn: Connection, step: int, p: int, nbytes: int) -> None:
+        buf = bytearray(framing.FRAME_SIZE)
+        recv_exact(conn.sock, memoryview(buf))
+        h = framing.decode_frame(buf, self.max_frame)
+        if (h.seq, h.step, h.piece, h.nbytes) != (self.seq, step, p, nbytes):
+            raise ProtocolError(f"unexpected data frame (op {h.seq} step {h.step:#x} piece {h.piece} {h.nbytes} B; "
+                                f"expected op {self.seq} step {step:#x} piece {p} {nbytes} B)")
+
+    def _reduce_receiver(self, member: int, lane: int):
+        plan = self.plan
+        j = plan.owned
+        assert j is not None
+        base = plan.shards[j][0]
+        last = len(plan.members) - 1
+
+        def run(conn: Connection) -> None:
+            for p in self._pieces(lane):
+                self._check()
+                lo, hi = plan.piece(j, p)
+                if hi > lo:
+                    nbytes = self._nbytes(lo, hi, self.codec is not None)
+                    self._header(conn, STEP_REDUCE, p, nbytes)
+                    if self.codec is not None:
+                        enc = np.empty(nbytes, dtype=np.uint8)
+                        recv_exact(conn.sock, _bytes(enc))
+                        self._bufs[member][p] = enc
+                    else:
+                        recv_exact(conn.sock, _bytes(self._bufs[member][lo - base:hi - base]))
+                with self._cond:
+                    self.rx += 0 if hi <= lo else nbytes
+                    self._arrived[p] += 1
+                    complete = self._arrived[p] == last
+                if complete:  # this thread brought the last member's piece: reduce it now
+                    self._reduce_piece(p)
+
+        return run
+
+    def _copy_receiver(self, shard: int, lane: int):
+        def run(conn: Connection) -> None:
+            for p in self._pieces(lane):
+                self._check()
+                lo, hi = self.plan.piece(shard, p)
+                if hi <= lo:
+                    continue
+                nbytes = self._nbytes(lo, hi, self.codec is not None)
+                self._header(conn, STEP_BROADCAST, p, nbytes)
+                target = self.out[lo:hi]
+                if self.backup is not None:
+                    self.backup.wait(lo, hi)
+                    with self._cond:
+                        self.touched.append((lo, hi))
+                if self.codec is not None:
+                    enc = conn.scratch(nbytes)
+                    recv_exact(conn.sock, _bytes(enc))
+                    codecs.decode(self.codec, enc, out=target)
+                else:
+                    recv_exact(conn.sock, _bytes(target))
+                with self._cond:
+                    self.rx += nbytes
+
+        return run
