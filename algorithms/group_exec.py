@@ -242,11 +242,13 @@ class GroupJob:
         base = plan.shards[j][0]
         if hi > lo:
             target = self.out[lo:hi]
+            own = self._own(lo, hi)  # in place: waits for the backup before the first write below
             if self.backup is not None:
-                self.touched.append((lo, hi))
+                with self._cond:
+                    self.touched.append((lo, hi))
             for i, x in enumerate(plan.members):
                 if x == plan.rank:
-                    src = self._own(lo, hi)
+                    src = own
                     if i == 0:
                         if src is not target:
                             np.copyto(target, src)

@@ -133,7 +133,7 @@ def matrix(args) -> None:
 
 def loop(args) -> None:
     """All-reduce in a loop with retries; report every start, success and failure."""
-    comm = pccl.Communicator()
+    comm = pccl.Communicator(locality=args.locality)
     join(comm, args.world)
     count = args.count
     base = np.full(count, args.index + 1, dtype=np.float32)
@@ -152,7 +152,7 @@ def loop(args) -> None:
         t0 = time.time()
         emit("op_start", n=ok, world=comm.world_size)
         try:
-            info = comm.all_reduce(buf, timeout=args.op_timeout)
+            info = comm.all_reduce(buf, algorithm=args.algorithm, timeout=args.op_timeout)
         except pccl.PcclError as exc:
             emit("op_fail", error=type(exc).__name__, message=str(exc), started=t0, restored=digest(buf) == before)
             if isinstance(exc, (pccl.Kicked, pccl.MasterUnreachable)):
@@ -168,7 +168,9 @@ def loop(args) -> None:
                     return
             continue
         ok += 1
-        emit("op_ok", n=ok, world=info.world_size, value=float(buf[0]), uniform=bool(np.all(buf == buf[0])),
+        odd = np.flatnonzero(buf != buf[0])
+        emit("op_ok", n=ok, world=info.world_size, value=float(buf[0]), uniform=not odd.size,
+             odd=[int(odd.size), *map(int, odd[:1]), *map(int, odd[-1:])],
              digest=digest(buf), ring=list(comm.topology), seconds=info.seconds)
         if args.pause:
             time.sleep(args.pause)
@@ -295,6 +297,8 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.0)
     p.add_argument("--op-timeout", type=float, default=30.0)
     p.add_argument("--torch", action="store_true")
+    p.add_argument("--algorithm", default="auto")
+    p.add_argument("--locality", default=None)
     p.add_argument("--joiner", action="store_true")
     p.add_argument("--holders", type=int, default=1)
     p.add_argument("--state-mib", type=int, default=1)

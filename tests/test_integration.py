@@ -47,10 +47,12 @@ def _survivors_fail_and_recover(peers, victim, sig, cluster, bound):
     return t_kill
 
 
-def test_sigkill_mid_all_reduce(cluster_factory):
+@pytest.mark.parametrize("algorithm", ["ring", "star", "hierarchical"])
+def test_sigkill_mid_all_reduce(cluster_factory, algorithm):
     # peer_timeout is long, so failing fast proves detection through the sockets, not heartbeats.
     cluster = cluster_factory(peer_timeout=20.0)
-    peers = [cluster.spawn("loop", i, "--world", "4", "--count", str(8 << 20), "--ops", "8") for i in range(4)]
+    peers = [cluster.spawn("loop", i, "--world", "4", "--count", str(8 << 20), "--ops", "8",
+                           "--algorithm", algorithm, "--locality", "ab"[i % 2]) for i in range(4)]
     _survivors_fail_and_recover(peers, peers[2], signal.SIGKILL, cluster, bound=3.0)
     for p in peers:
         if p is not peers[2]:
