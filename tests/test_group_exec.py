@@ -131,7 +131,7 @@ def reference(inputs, op):
 
 
 @pytest.mark.parametrize("algo,localities", LAYOUTS)
-@pytest.mark.parametrize("count", [0, 1, 3, 1000, 4099])
+@pytest.mark.parametrize("count", [0, 3, 4099])
 def test_results_match_numpy_and_are_identical(algo, localities, count):
     n = len(localities)
     rng = np.random.default_rng(count + n)
@@ -140,7 +140,7 @@ def test_results_match_numpy_and_are_identical(algo, localities, count):
             inputs = [rng.integers(-5, 6, count).astype(dtype) for _ in range(n)]
             ref = reference(inputs, op)
             outs, errors, _ = run_group([x.copy() for x in inputs], op, algo, localities,
-                                        in_place=count % 2 == 1)
+                                        k=2 if count > 1000 else 1, in_place=count % 2 == 1)
             assert not errors
             for o in outs:
                 assert o.tobytes() == outs[0].tobytes(), (op, dtype)
