@@ -150,20 +150,20 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
             raise BenchError(f"pccl world has {comm.world_size} peers, expected {n}")
         return ("ready", index, comm.rank, comm.world_size, os.getpid())
 
-    def measure(nbytes: int, iters: int, warmup: int) -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto") -> tuple:
         assert comm is not None
         n, rank = comm.world_size, comm.rank
         buf = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
         buf.fill(rank + 1)
         for _ in range(warmup):
-            comm.all_reduce(buf)
+            comm.all_reduce(buf, algorithm=algorithm)
         buf.fill(rank + 1)
-        comm.all_reduce(tiny)  # barrier
+        comm.all_reduce(tiny, algorithm="ring")  # barrier
         t0 = time.perf_counter()
         for _ in range(iters):
-            comm.all_reduce(buf)
+            info = comm.all_reduce(buf, algorithm=algorithm)
         dt = time.perf_counter() - t0
-        return (rank, dt / iters, _check(buf, n, iters, np))
+        return (rank, dt / iters, _check(buf, n, iters, np), info.algorithm)
 
     def close() -> None:
         if comm is not None:
@@ -197,7 +197,7 @@ def _gloo_worker(conn: Connection, rank: int, n: int, init_method: str, dtype: s
     tiny = torch.zeros(1, dtype=tdtype)
     conn.send(("ready", rank, rank, n, os.getpid(), torch.__version__))
 
-    def measure(nbytes: int, iters: int, warmup: int) -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, _algorithm: str = "") -> tuple:
         buf = torch.empty(nbytes // tiny.element_size(), dtype=tdtype)
         buf.fill_(rank + 1)
         for _ in range(warmup):
@@ -208,7 +208,7 @@ def _gloo_worker(conn: Connection, rank: int, n: int, init_method: str, dtype: s
         for _ in range(iters):
             dist.all_reduce(buf)
         dt = time.perf_counter() - t0
-        return (rank, dt / iters, _check(buf.numpy(), n, iters, np))
+        return (rank, dt / iters, _check(buf.numpy(), n, iters, np), "gloo")
 
     _worker_loop(conn, measure)
     # destroy_process_group() and torch's interpreter teardown take seconds; nothing needs flushing.
@@ -352,19 +352,24 @@ def _start_world(ctx, group: _Group, n: int, master: str, opts: argparse.Namespa
     return replies[0][5]
 
 
-def _measure(group: _Group, system: str, nbytes: int, opts: argparse.Namespace) -> tuple[float, list[float]]:
-    """(max per-op seconds over ranks, per-rank per-op seconds by rank)."""
+def _measure(group: _Group, system: str, nbytes: int, opts: argparse.Namespace,
+             algorithm: str = "auto") -> tuple[float, list[float], str]:
+    """(max per-op seconds over ranks, per-rank per-op seconds by rank, the algorithm that ran)."""
     ws = group.of(system)
     for w in ws:
-        group.send(w, ("measure", nbytes, opts.iters, opts.warmup))
+        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm))
     replies = group.collect(ws, opts.timeout, f"a {system} measurement of {_fmt_size(nbytes)}")
     per_rank = [0.0] * len(ws)
+    ran = set()
     for msg in replies.values():
-        _, rank, t, problem = msg
+        _, rank, t, problem, algo = msg
         if problem is not None:
             raise BenchError(f"WRONG RESULT from {system} rank {rank} ({_fmt_size(nbytes)}): {problem}")
         per_rank[rank] = t
-    return max(per_rank), per_rank
+        ran.add(algo)
+    if len(ran) != 1:
+        raise BenchError(f"ranks ran different algorithms: {sorted(ran)}")
+    return max(per_rank), per_rank, ran.pop()
 
 
 # ====================================================================== formatting and CLI
@@ -421,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed all-reduces before each measurement (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     p.add_argument("--connections", type=int, default=2, help="pccl connections per link (default 2)")
+    p.add_argument("--algorithms", nargs="+", default=["auto"], choices=["auto", "ring", "star", "hierarchical"],
+                   help="pccl algorithms to measure besides AUTO (e.g. ring star: the table then says what "
+                        "AUTO picked and which forced algorithm was fastest)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--json", metavar="PATH", help="write every raw measurement and the summary as JSON")
     p.add_argument("--markdown", metavar="PATH", help="append the table (and the command line) to this file")
@@ -449,12 +457,20 @@ def _validate(opts: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("timeouts must be positive")
 
 
+def _systems(opts: argparse.Namespace) -> list[tuple[str, str]]:
+    """(system name, pccl algorithm) in measurement order: "pccl" is AUTO, "pccl-ring" etc. the
+    forced algorithms of --algorithms, then gloo."""
+    return ([("pccl", "auto")] + [(f"pccl-{a}", a) for a in opts.algorithms if a != "auto"]
+            + [("gloo", "")])
+
+
 def _summarize(records: list[dict], peers: list[int], sizes: list[int]) -> list[dict]:
     rows = []
+    systems = list(dict.fromkeys(r["system"] for r in records))
     for n in peers:
         for s in sizes:
             row: dict[str, Any] = {"n": n, "size_bytes": s}
-            for system in ("pccl", "gloo"):
+            for system in systems:
                 rs = [r for r in records if r["system"] == system and r["n"] == n and r["size_bytes"] == s]
                 if not rs:
                     continue
@@ -462,6 +478,11 @@ def _summarize(records: list[dict], peers: list[int], sizes: list[int]) -> list[
                 row[f"{system}_busbw_gbs"] = statistics.median(bws)
                 row[f"{system}_busbw_min_max"] = [min(bws), max(bws)]
                 row[f"{system}_ms"] = statistics.median(r["seconds_per_op"] for r in rs) * 1e3
+                if system == "pccl":
+                    row["auto_picked"] = "/".join(sorted({r["algorithm"] for r in rs}))
+            forced = {k[5:-3]: v for k, v in row.items() if k.startswith("pccl-") and k.endswith("_ms")}
+            if forced and "auto_picked" in row:
+                row["fastest"] = min(forced, key=forced.get)
             if "pccl_busbw_gbs" in row and "gloo_busbw_gbs" in row:
                 row["ratio"] = row["pccl_busbw_gbs"] / row["gloo_busbw_gbs"]
             rows.append(row)
@@ -471,17 +492,26 @@ def _summarize(records: list[dict], peers: list[int], sizes: list[int]) -> list[
 _HEAD = ("N", "size", "pccl GB/s", "gloo GB/s", "ratio", "pccl ms", "gloo ms")
 
 
-def _cells(row: dict) -> list[str]:
+def _head(rows: list[dict]) -> list[str]:
+    forced = sorted({k[5:-3] for r in rows for k in r if k.startswith("pccl-") and k.endswith("_ms")})
+    return list(_HEAD) + ["AUTO ran"] + [f"{a} ms" for a in forced] + (["fastest"] if forced else [])
+
+
+def _cells(row: dict, head: list[str] | None = None) -> list[str]:
     def f(key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "-"
 
-    return [str(row["n"]), _fmt_size(row["size_bytes"]), f("pccl_busbw_gbs", ".3f"), f("gloo_busbw_gbs", ".3f"),
-            f("ratio", ".2f"), f("pccl_ms", ".2f"), f("gloo_ms", ".2f")]
+    out = [str(row["n"]), _fmt_size(row["size_bytes"]), f("pccl_busbw_gbs", ".3f"), f("gloo_busbw_gbs", ".3f"),
+           f("ratio", ".2f"), f("pccl_ms", ".2f"), f("gloo_ms", ".2f"), row.get("auto_picked", "-")]
+    for h in (head or [])[len(out):]:
+        out.append(row.get("fastest", "-") if h == "fastest" else f(f"pccl-{h[:-3]}_ms", ".2f"))
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [list(_HEAD)] + [_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_HEAD))]
+    head = _head(rows)
+    cells = [head] + [_cells(r, head) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = []
     for k, c in enumerate(cells):
         lines.append("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
@@ -495,8 +525,9 @@ def format_markdown(rows: list[dict], command: str, meta: dict) -> str:
            f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs); {meta['dtype']} SUM in place, "
            f"median of {meta['repeats']} interleaved repeats x {meta['iters']} timed ops; busbw = S/t·2(N-1)/N "
            f"(GB = 1e9 B); t = max over ranks; torch {meta.get('torch', '?')}; pccl {meta.get('pccl_git') or '?'}", "",
-           "| " + " | ".join(_HEAD) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(_HEAD))) + "|"]
-    out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+           "| " + " | ".join(_head(rows)) + " |",
+           "|" + "|".join("---:" if i else "---" for i in range(len(_head(rows)))) + "|"]
+    out += ["| " + " | ".join(_cells(r, _head(rows))) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 
@@ -578,10 +609,11 @@ def main(argv: list[str] | None = None) -> int:
                 meta["torch"] = _start_world(ctx, group, n, master.address, opts, log)
                 for rep in range(opts.repeats):
                     for s in opts.sizes:
-                        for system in ("pccl", "gloo"):
-                            t, per_rank = _measure(group, system, s, opts)
+                        for system, algo in _systems(opts):
+                            t, per_rank, ran = _measure(group, "gloo" if system == "gloo" else "pccl", s, opts, algo)
                             rec = {"system": system, "n": n, "size_bytes": s, "repeat": rep, "seconds_per_op": t,
-                                   "per_rank_seconds_per_op": per_rank, "busbw_gbs": busbw(s, t, n)}
+                                   "per_rank_seconds_per_op": per_rank, "busbw_gbs": busbw(s, t, n),
+                                   "algorithm": ran}
                             records.append(rec)
                             log(f"  N={n} rep {rep + 1}/{opts.repeats} {_fmt_size(s):>8} {system}: "
                                 f"{rec['busbw_gbs']:.3f} GB/s, {t * 1e3:.2f} ms/op")

@@ -62,6 +62,8 @@ class ReduceInfo:
     tx_bytes: int
     rx_bytes: int
     seconds: float
+    #: the algorithm that ran ("ring", "star", "hierarchical"; AUTO resolved)
+    algorithm: str = "ring"
 
 
 class _Op:
@@ -586,7 +588,8 @@ class Communicator:
         if rec.commit is not None:
             rec.commit()
         job = rec.job
-        return ReduceInfo(world, job.tx_bytes if job else 0, job.rx_bytes if job else 0, time.monotonic() - t0)
+        return ReduceInfo(world, job.tx_bytes if job else 0, job.rx_bytes if job else 0, time.monotonic() - t0,
+                          rec.announce.algorithm if world > 1 else Algorithm.RING.value)
 
     def _collective(self, rec: _Op) -> int:
         """Run one collective to its verdict; returns the world size or raises (input restored)."""

@@ -89,12 +89,34 @@ def test_mismatched_src_dst_and_bad_arguments(solo):
         solo.all_reduce(big[:6], dst=big[2:])  # partial overlap
 
 
-def test_unimplemented_features_say_so(solo):
-    x = np.ones(4, dtype=np.float32)
-    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
-        solo.all_reduce(x, algorithm=pccl.Algorithm.STAR)
-    with pytest.raises(pccl.InvalidUsage, match="not available yet"):
-        solo.all_reduce(x, algorithm=pccl.Algorithm.HIERARCHICAL)
+def test_every_algorithm_in_a_world_of_one_returns_the_input(solo):
+    for algo in pccl.Algorithm:
+        x = np.arange(4, dtype=np.float32)
+        info = solo.all_reduce(x, algorithm=algo)
+        assert x.tolist() == [0, 1, 2, 3] and info.world_size == 1
+
+
+def test_auto_resolution_is_reported_and_checked_for_agreement(master):
+    a, b = pair(master)
+    try:
+        for algo in (pccl.Algorithm.STAR, pccl.Algorithm.HIERARCHICAL, pccl.Algorithm.RING):
+            xs = [np.full(1000, 1, np.int64), np.full(1000, 2, np.int64)]
+            out, err = both(lambda: a.all_reduce(xs[0], algorithm=algo), lambda: b.all_reduce(xs[1], algorithm=algo))
+            assert err == [None, None] and out[0].algorithm == out[1].algorithm == algo.value
+            assert xs[0].tolist() == xs[1].tolist() == [3] * 1000
+        # AUTO at N=2: the ring has as few hops as the star and moves less, so the model picks it.
+        xs = [np.ones(4, np.float32), np.ones(4, np.float32)]
+        out, err = both(lambda: a.all_reduce(xs[0]), lambda: b.all_reduce(xs[1]))
+        assert err == [None, None] and out[0].algorithm == out[1].algorithm == "ring"
+        # The resolved algorithm travels in the announcement: peers that resolve differently (here
+        # AUTO -> ring against an explicit STAR) are refused on both sides, inputs untouched.
+        out, err = both(lambda: a.all_reduce(xs[0], tag=1),
+                        lambda: b.all_reduce(xs[1], tag=1, algorithm=pccl.Algorithm.STAR))
+        assert all(isinstance(e, pccl.InvalidUsage) for e in err), err
+        assert xs[0].tolist() == xs[1].tolist() == [2] * 4
+    finally:
+        a.close()
+        b.close()
 
 
 def test_quantization_in_a_world_of_one_returns_the_input_and_checks_it(solo):
