@@ -197,6 +197,61 @@ def test_core_malformed_auth_messages_are_refused_not_raised():
     assert not core.peers and not core.proven
 
 
+@st.composite
+def auth_traffic(draw):
+    """Interleaved messages from a few connections: real auth steps, garbage, and protocol messages."""
+    conns = ["a", "b", "c"]
+    steps = []
+    for _ in range(draw(st.integers(1, 25))):
+        conn = draw(st.sampled_from(conns))
+        kind = draw(st.sampled_from(["hello", "hello_bad", "proof_bad", "proof_good", "register", "status",
+                                     "heartbeat", "disconnect", "tick"]))
+        steps.append((conn, kind, draw(st.binary(max_size=40)), draw(st.floats(0, 3))))
+    return steps
+
+
+@settings(max_examples=80, deadline=None)
+@given(auth_traffic())
+def test_core_auth_state_machine_never_registers_an_unproven_connection(steps):
+    core = MasterCore(Config(secret=SECRET, max_half_open=2, connect_timeout=2.0))
+    inits: dict[str, auth.Initiator] = {}
+    proven_ok: set[str] = set()
+    now = 0.0
+    for conn, kind, junk, dt in steps:
+        now += dt
+        if kind == "hello":
+            inits[conn] = auth.Initiator(SECRET, auth.CONTROL)
+            out = core.handle(conn, m.AuthHello(nonce=inits[conn].nonce), now)
+            if out and isinstance(out[0].msg, m.AuthChallenge):
+                inits[conn].challenge = out[0].msg  # type: ignore[attr-defined]
+        elif kind == "hello_bad":
+            core.handle(conn, m.AuthHello(nonce=junk), now)
+        elif kind == "proof_bad":
+            core.handle(conn, m.AuthProof(proof=junk), now)
+        elif kind == "proof_good" and getattr(inits.get(conn), "challenge", None) is not None:
+            ch = inits[conn].challenge  # type: ignore[attr-defined]
+            out = core.handle(conn, m.AuthProof(proof=inits[conn].answer(ch.nonce, ch.proof)), now)
+            if not out:
+                proven_ok.add(conn)
+        elif kind == "register":
+            out = core.handle(conn, register_msg(), now)
+            if any(isinstance(s.msg, m.Registered) for s in out):
+                assert conn in proven_ok  # only a connection that proved the secret registers
+        elif kind == "status":
+            core.handle(conn, m.StatusQuery(req=1), now)
+        elif kind == "heartbeat":
+            core.handle(conn, m.Heartbeat(), now)
+        elif kind == "disconnect":
+            core.disconnected(conn, now)
+            proven_ok.discard(conn)
+            inits.pop(conn, None)
+        else:
+            core.tick(now)
+        assert len(core.challenges) <= 2
+        assert set(core.proven) <= proven_ok
+        assert all(p.conn in proven_ok for p in core.peers.values() if p.alive)
+
+
 # --------------------------------------------------------------------------- data handshake (real sockets)
 @pytest.fixture
 def listener_factory():

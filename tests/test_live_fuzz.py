@@ -21,7 +21,7 @@ import zmq
 from pccl.transports import auth, framing
 from pccl.transports import messages as m
 
-FUZZ_SECONDS = 10.0
+FUZZ_SECONDS = 8.0
 
 
 def _data_ports(status: str) -> list[int]:
@@ -100,7 +100,7 @@ def _fuzz_master_zmq(rng: random.Random, ctx: zmq.Context, address: str) -> None
 
 def _fuzz_data_port(rng: random.Random, port: int, parked_budget: list[int]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.settimeout(2)
+        s.settimeout(0.2)
         choice = rng.randrange(6)
         hs = framing.Handshake(rng.randrange(1 << 40), rng.randrange(1 << 40), rng.randrange(framing.MAX_CONNECTIONS),
                                rng.choice(framing.KINDS), auth=rng.random() < 0.2)
