@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -386,7 +387,33 @@ def test_half_open_connections_are_capped(listener_factory):
     s.close()
 
 
+def test_parked_connections_of_vanished_connectors_free_their_slots(listener_factory):
+    cfg = Config(max_half_open=2, connect_timeout=5.0)
+    lst = listener_factory(cfg)
+    for i in range(2):  # two links nobody will claim (another revision); their connectors vanish
+        s = links.connect("127.0.0.1", lst.port, 3, 7, 99, i, cfg)
+        s.close()
+    deadline = time.monotonic() + 10
+    while len(lst._parked) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    s = links.connect("127.0.0.1", lst.port, 3, 7, 1, 0, cfg)  # the slots are reclaimed, not refused
+    lst.claim(1, 3, 0, time.monotonic() + 5).close()
+    s.close()
+    assert not any(k[0] == 99 for k in lst._parked)
+
+
 # --------------------------------------------------------------------------- real peers (threads)
+def test_secret_on_the_peer_only_is_refused_clearly():
+    with pccl.Master("127.0.0.1", 0, config=Config()) as master:
+        comm = pccl.Communicator(master.address, timeouts=Config(), secret="only-here")
+        with pytest.raises(AuthenticationFailed, match="no secret configured"):
+            comm.connect(timeout=20)
+        comm.close()
+        assert not master.core.peers
+
+
+
 def test_group_with_secret_all_reduce_sync_and_optimize(monkeypatch):
     from test_shared_state import close_all, group, make_state, sync_all, together
 
@@ -432,6 +459,21 @@ def test_wrong_and_missing_secret_refused_while_an_authenticated_group_keeps_wor
             comm.connect(timeout=20)
         assert "process-secret" not in str(e.value)
         comm.close()
+    # raw zmq clients that skip the handshake or garble it are refused and never registered
+    ctx = zmq.Context()
+    try:
+        for frames in ([m.encode(register_msg())], [m.encode(m.AuthProof(proof=b"x" * 32))],
+                       [m.encode(m.AuthHello(nonce=b"short"))], [b"\x93\x01\xa8register\x80"]):
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(f"tcp://{cluster.master.address}")
+            d.send_multipart(frames)
+            assert d.poll(10000), "the master did not answer"
+            reply = m.decode(d.recv())
+            assert isinstance(reply, (m.AuthFailed, m.Kicked))
+            d.close(0)
+    finally:
+        ctx.term()
     status = cluster.master.status()
     assert "process-secret" not in status
     before = [sum(1 for e in p.log if e["event"] == "op_ok") for p in peers]
