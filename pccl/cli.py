@@ -6,14 +6,22 @@ import logging
 import sys
 
 
+def _secret(args: argparse.Namespace) -> bytes | None:
+    """The secret from --secret-file (None: PCCL_SECRET, read by pccl.config). Never printed."""
+    from pccl.config import read_secret_file
+
+    return read_secret_file(args.secret_file) if args.secret_file else None
+
+
 def _master(args: argparse.Namespace) -> int:
     import signal
 
     from pccl.master import Master
 
-    master = Master(args.host, args.port)
+    master = Master(args.host, args.port, secret=_secret(args))
     master.bind()
-    print(f"pccl master listening on {master.address}", flush=True)
+    auth = "peers must prove the shared secret" if master.config.secret is not None else "no authentication"
+    print(f"pccl master listening on {master.address} ({auth})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: master.close())
     try:
         master.serve_forever()
@@ -27,7 +35,7 @@ def _master(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pccl.status import query_status
 
-    print(query_status(args.master, timeout=args.timeout))
+    print(query_status(args.master, timeout=args.timeout, secret=_secret(args)))
     return 0
 
 
@@ -40,6 +48,15 @@ def _launch(args: argparse.Namespace) -> int:
     if not cmd:
         print("pccl launch: give a script to run, e.g. pccl launch -n 4 -- train.py", file=sys.stderr)
         return 2
+    secret = _secret(args)
+    if secret is not None:  # the started master and every peer read it from the environment, not argv
+        import os
+
+        from pccl.errors import InvalidUsage
+        try:
+            os.environ["PCCL_SECRET"] = secret.decode()
+        except UnicodeDecodeError:
+            raise InvalidUsage(f"the secret file {args.secret_file} must hold UTF-8 text for launch") from None
     return launch(args.n, cmd, master=args.master, host=args.host)
 
 
@@ -79,18 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("master", help="run a master in the foreground")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=48148)
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="require peers to prove this shared secret (default: $PCCL_SECRET, else none)")
     p.set_defaults(fn=_master)
 
     p = sub.add_parser("launch", help="start a master (unless --master) and N local peers running a script")
     p.add_argument("-n", type=int, required=True, help="number of peers")
     p.add_argument("--master", default=None, help="use this master (host:port) instead of starting one")
     p.add_argument("--host", default="127.0.0.1", help="where the started master listens")
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="shared secret for the master and the peers (passed as $PCCL_SECRET)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py ARGS (a .py file runs with this Python)")
     p.set_defaults(fn=_launch)
 
     p = sub.add_parser("status", help="print the master's view of the run")
     p.add_argument("--master", required=True)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="prove this shared secret to the master (default: $PCCL_SECRET, else none)")
     p.set_defaults(fn=_status)
 
     p = sub.add_parser("bench", help="all-reduce bandwidth against torch.distributed gloo (see pccl bench -h)",

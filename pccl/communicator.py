@@ -36,7 +36,7 @@ from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
-    Aborted, InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
+    Aborted, AuthenticationFailed, InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
 )
 from pccl.master_core import SYNC_TAG
 from pccl.shared_state import SharedState, SyncInfo, digest
@@ -123,21 +123,25 @@ class Communicator:
     """A peer of a pccl run.
 
     ``Communicator(master="host:port", peer_group=0, connections=2, advertise_host=None,
-    locality=None, timeouts=None)``. ``timeouts`` is a :class:`pccl.Config` (None: defaults with
-    ``PCCL_*`` environment overrides). ``advertise_host`` is the address other peers use to reach
-    this peer's data port (default: the local address that routes to the master).
+    locality=None, timeouts=None, secret=None)``. ``timeouts`` is a :class:`pccl.Config` (None:
+    defaults with ``PCCL_*`` environment overrides). ``secret`` (str or bytes; default:
+    ``timeouts.secret``, else ``PCCL_SECRET``) must match the master's: every control and data
+    connection proves it by HMAC challenge-response (authentication only, no encryption).
+    ``advertise_host`` is the address other peers use to reach this peer's data port (default: the
+    local address that routes to the master).
     """
 
     def __init__(self, master: str | None = None, peer_group: int = 0, connections: int = 2,
                  advertise_host: str | None = None, locality: str | None = None,
                  timeouts: Config | None = None, listen_host: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, secret: str | bytes | None = None) -> None:
+        """Raises InvalidUsage for bad arguments (an empty secret included)."""
         self.master = _resolve_master(master)
         if not isinstance(peer_group, int) or peer_group < 0:
             raise InvalidUsage("peer_group must be a non-negative int")
         if not isinstance(connections, int) or not 1 <= connections <= 16:
             raise InvalidUsage("connections must be an int in 1..16")
-        self.config = resolve(timeouts)
+        self.config = resolve(timeouts, secret)
         self.peer_group = peer_group
         self.connections = connections
         self.advertise_host = advertise_host
@@ -309,7 +313,8 @@ class Communicator:
         """Register with the master and wait until admitted.
 
         Raises PcclTimeout (not admitted in time: the accepted peers must call update_topology),
-        MasterUnreachable, Kicked, PeerFailure (links to the neighbours could not be opened; call
+        MasterUnreachable, Kicked, AuthenticationFailed (this peer's secret, or lack of one, does
+        not match the master's), PeerFailure (links to the neighbours could not be opened; call
         update_topology to retry), InvalidUsage (already connected).
         """
         with self._cond:
@@ -337,6 +342,9 @@ class Communicator:
         except PcclTimeout:
             self.close()
             raise PcclTimeout("not admitted in time: the accepted peers must call update_topology()") from None
+        except AuthenticationFailed:
+            self.close()  # nothing was admitted: free the listener and the channel at once
+            raise
         return self
 
     def _apply(self, topo: m.Topology, deadline: float) -> None:

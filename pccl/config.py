@@ -2,13 +2,16 @@
 
 Every blocking call in pccl takes its deadline from a :class:`Config` (or an explicit ``timeout=``);
 ``None`` never means "forever".
+
+The shared secret (``PCCL_SECRET``, ``secret=``, ``pccl master --secret-file``) lives here too, as
+bytes; it is kept out of ``repr()`` so a logged config never shows it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from pccl.errors import InvalidUsage
@@ -52,9 +55,18 @@ class Config:
     link_bytes_per_second: float = 1e9
     wan_bytes_per_second: float = 1.25e8
     reduce_bytes_per_second: float = 2e9
+    #: Messages queued per control connection in each direction (zmq SNDHWM/RCVHWM).
+    max_control_queue: int = 10000
+    #: Shared secret every connection must prove (HMAC challenge-response); None: no authentication.
+    #: Never shown by repr(); set it with ``secret=``, ``PCCL_SECRET`` or ``--secret-file``.
+    secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.secret is not None:
+            object.__setattr__(self, "secret", secret_bytes(self.secret))
         for f in fields(self):
+            if f.name == "secret":
+                continue
             v = getattr(self, f.name)
             if f.type in ("int", int):
                 if type(v) is not int or v <= 0:
@@ -64,28 +76,67 @@ class Config:
         if self.peer_timeout <= self.heartbeat_interval:
             raise InvalidUsage("config peer_timeout must be larger than heartbeat_interval")
 
-    def replace(self, **changes: float) -> "Config":
-        return dataclasses.replace(self, **changes)
+    def replace(self, **changes: object) -> "Config":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: float) -> "Config":
-        """Defaults, then ``PCCL_<FIELD>`` variables (e.g. ``PCCL_PEER_TIMEOUT=2``), then overrides."""
+        """Defaults, then ``PCCL_<FIELD>`` variables (e.g. ``PCCL_PEER_TIMEOUT=2``), then overrides.
+
+        ``PCCL_SECRET`` (non-empty) sets the shared secret; an empty value means none.
+        """
         env = os.environ if env is None else env
-        values: dict[str, float] = {}
+        values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get("PCCL_" + f.name.upper())
             if raw is None:
+                continue
+            if f.name == "secret":
+                if raw:
+                    values["secret"] = raw.encode()
                 continue
             try:
                 values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
             except ValueError as exc:
                 raise InvalidUsage(f"PCCL_{f.name.upper()}={raw!r} is not a number") from exc
         values.update(overrides)
-        return cls(**values)
+        return cls(**values)  # type: ignore[arg-type]
 
 
-def resolve(config: Config | None) -> Config:
-    return Config.from_env() if config is None else config
+def secret_bytes(secret: object) -> bytes:
+    """The secret as bytes (a str is UTF-8 encoded). Raises InvalidUsage for an empty or non-text
+    secret; the message never contains the value."""
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise InvalidUsage("the secret must be a non-empty str or bytes")
+    return bytes(secret)
 
 
-__all__ = ["Config", "resolve"]
+def read_secret_file(path: str) -> bytes:
+    """Read a secret from a file (surrounding whitespace and the trailing newline are dropped).
+    Raises InvalidUsage if it cannot be read or is empty (the message names the file, never the value)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(1 << 16).strip()
+    except OSError as exc:
+        raise InvalidUsage(f"cannot read the secret file {path}: {exc.strerror}") from None
+    if not raw:
+        raise InvalidUsage(f"the secret file {path} is empty")
+    return raw
+
+
+def resolve(config: Config | None, secret: str | bytes | None = None,
+            env: Mapping[str, str] | None = None) -> Config:
+    """The config to use: ``config`` (None: :meth:`Config.from_env`), with the secret taken from
+    ``secret`` if given, else the config's own, else ``PCCL_SECRET``."""
+    env = os.environ if env is None else env
+    cfg = Config.from_env(env) if config is None else config
+    if secret is not None:
+        return cfg.replace(secret=secret_bytes(secret))
+    if cfg.secret is None and env.get("PCCL_SECRET"):
+        return cfg.replace(secret=env["PCCL_SECRET"].encode())
+    return cfg
+
+
+__all__ = ["Config", "read_secret_file", "resolve", "secret_bytes"]

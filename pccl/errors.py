@@ -41,6 +41,12 @@ class ProtocolError(PcclError):
     """A malformed, oversized or incompatible message or frame."""
 
 
+class AuthenticationFailed(PcclError):
+    """The other side did not prove the shared secret, or this side could not: a wrong or missing
+    secret on one side (``secret=`` / ``PCCL_SECRET`` must be the same on the master and every peer).
+    The message never contains the secret."""
+
+
 class InvalidUsage(PcclError):
     """Wrong call order, or arguments that disagree across peers (count, dtype, op)."""
 
@@ -56,6 +62,7 @@ ERROR_KINDS: dict[str, type[PcclError]] = {
     "invalid_usage": InvalidUsage,
     "protocol": ProtocolError,
     "kicked": Kicked,
+    "auth": AuthenticationFailed,
 }
 
 

@@ -5,6 +5,12 @@ the core, and sends what the core returns. Transport disconnects (a killed peer'
 closing) reach the core at once: the monitor reports the file descriptor, and the shell maps file
 descriptors to routing identities from each message's ``SRCFD`` property. The monitor is drained
 before the ROUTER in every round so a reused descriptor is never blamed on its new owner.
+
+Bounds on the ROUTER: a message over ``max_control_message`` bytes makes libzmq drop that
+connection (the core then sees its disconnect); a connection that does not finish the ZMTP
+greeting within ``connect_timeout`` is closed by libzmq (HANDSHAKE_IVL); each connection's queues
+hold at most ``max_control_queue`` messages per direction (see ``bind``). With a secret, the core
+refuses every connection that has not proved it (see ``pccl.master_core``).
 """
 from __future__ import annotations
 
@@ -28,16 +34,20 @@ _POLL_CAP = 0.1  # seconds; bounds how long close() waits for the loop to notice
 class Master:
     """A pccl master.
 
-    ``Master(host="127.0.0.1", port=0)`` binds when started (port 0, the default, picks a free port;
-    see ``address``; the CLI uses 48148).
+    ``Master(host="127.0.0.1", port=0, config=None, secret=None)`` binds when started (port 0, the
+    default, picks a free port; see ``address``; the CLI uses 48148). With ``secret`` (str or
+    bytes; default: ``config.secret``, else ``PCCL_SECRET``) every peer must prove it by HMAC
+    challenge-response; the others get AuthenticationFailed at ``connect()``.
     Use ``start()`` to serve in a background thread, ``serve_forever()`` to serve in the calling
     thread (the CLI), ``close()`` to stop; also a context manager.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: Config | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: Config | None = None,
+                 secret: str | bytes | None = None) -> None:
+        """Raises InvalidUsage for an empty or non-text secret."""
         self.host = host
         self.port = port
-        self.config = resolve(config)
+        self.config = resolve(config, secret)
         self.core = MasterCore(self.config)
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -63,9 +73,14 @@ class Master:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_control_message)
+        # Per-connection queues are bounded. Outbound: with ROUTER_MANDATORY off, a message to a
+        # peer whose queue is full is dropped, never blocking the master (that peer stopped
+        # reading; it misses messages and fails at its own deadlines). Inbound: a full queue makes libzmq stop reading
+        # that TCP connection, so a flooding peer only stalls itself.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.RCVHWM, 10000)
+        sock.setsockopt(zmq.SNDHWM, self.config.max_control_queue)
+        sock.setsockopt(zmq.RCVHWM, self.config.max_control_queue)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.config.connect_timeout * 1000))
         self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             if self.port == 0:

@@ -30,17 +30,25 @@ How it works
 7. ``optimize_topology`` is a topology vote that first measures every unmeasured directed pair of
    each group (rounds of disjoint pairs, ``Probe``/``ProbeResult``, each round bounded in time),
    keeps the bandwidth matrix, and orders each group's ring to maximise its slowest link.
+8. Authentication (only when the config has a secret): a connection must first prove the secret
+   (``AuthHello`` -> ``AuthChallenge`` with the master's proof -> ``AuthProof``) before anything
+   else, status queries included; anything else from an unproven connection is answered with
+   ``AuthFailed``. At most ``max_half_open`` connections may be in the middle of it; a challenge
+   unanswered, or a proven connection that does not register, within ``connect_timeout`` is
+   forgotten. Nonces come from ``nonce_source`` (an input, like time).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Callable, Hashable
 
 from pccl import sync_plan
 from pccl.algorithms import topology
 from pccl.config import Config
 from pccl.enums import SyncStrategy
+from pccl.errors import AuthenticationFailed
+from pccl.transports import auth
 from pccl.transports import messages as m
 
 log = logging.getLogger(__name__)
@@ -106,8 +114,14 @@ _AGREE = ("kind", "count", "dtype", "op", "algorithm", "quantization")
 
 
 class MasterCore:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None,
+                 nonce_source: Callable[[], bytes] = auth.new_nonce) -> None:
         self.config = config or Config()
+        self._nonce_source = nonce_source
+        # authentication (config.secret set): challenges in flight, and connections that proved
+        # the secret (deadline to register; inf once registered), both by conn
+        self.challenges: dict[Conn, tuple[auth.Responder, float]] = {}
+        self.proven: dict[Conn, float] = {}
         self.revision = 0
         self.peers: dict[int, PeerRec] = {}  # by peer id
         self.by_conn: dict[Conn, int] = {}
@@ -127,6 +141,14 @@ class MasterCore:
     def handle(self, conn: Conn, msg: object, now: float) -> list[Send]:
         out: list[Send] = []
         pid = self.by_conn.get(conn)
+        if isinstance(msg, (m.AuthHello, m.AuthProof)):
+            self._authenticate(conn, msg, now, out)
+            return out
+        if self.config.secret is not None and conn not in self.proven:
+            self._send(out, conn, m.AuthFailed(
+                reason="this master requires the shared secret and the connection did not prove it "
+                       "(set secret= or PCCL_SECRET on the peer)"), now)
+            return out
         if isinstance(msg, m.StatusQuery):
             if pid is not None:
                 self.peers[pid].last_seen = now  # any message counts as a heartbeat
@@ -171,6 +193,8 @@ class MasterCore:
 
     def disconnected(self, conn: Conn, now: float) -> list[Send]:
         out: list[Send] = []
+        self.challenges.pop(conn, None)
+        self.proven.pop(conn, None)
         pid = self.by_conn.get(conn)
         if pid is not None and self.peers[pid].alive:
             self._kill(self.peers[pid], f"peer {pid} disconnected", now, out, notify=False)
@@ -188,6 +212,11 @@ class MasterCore:
 
     def tick(self, now: float) -> list[Send]:
         out: list[Send] = []
+        for conn in [c for c, (_, t) in self.challenges.items() if t <= now]:
+            del self.challenges[conn]
+            log.info("a connection did not answer its authentication challenge in time; forgotten")
+        for conn in [c for c, t in self.proven.items() if t <= now and c not in self.by_conn]:
+            del self.proven[conn]
         for peer in list(self.peers.values()):
             if peer.alive and now - peer.last_seen >= self.config.peer_timeout:
                 self._kill(peer, f"peer {peer.peer_id} missed heartbeats for {now - peer.last_seen:.1f}s",
@@ -203,6 +232,7 @@ class MasterCore:
 
     def next_deadline(self) -> float:
         t = self.measuring.deadline if self.measuring is not None else float("inf")
+        t = min([t] + [d for _, d in self.challenges.values()] + [d for d in self.proven.values()])
         for peer in self.peers.values():
             if peer.alive:
                 t = min(t, peer.last_seen + self.config.peer_timeout,
@@ -220,7 +250,39 @@ class MasterCore:
         res = [self.peers[p] for p in self.ring if self.peers[p].alive]
         return res if group is None else [p for p in res if p.group == group]
 
+    def _authenticate(self, conn: Conn, msg: m.AuthHello | m.AuthProof, now: float, out: list[Send]) -> None:
+        """One step of the challenge-response (see 8. above)."""
+        def refuse(reason: str) -> None:
+            log.info("refused authentication: %s", reason)
+            self._send(out, conn, m.AuthFailed(reason=reason), now)
+
+        secret = self.config.secret
+        if secret is None:
+            return refuse("this master has no secret configured but the peer offered one "
+                          "(use the same secret on both, or none)")
+        if conn in self.proven or conn in self.by_conn:
+            return refuse("this connection is already authenticated")
+        if isinstance(msg, m.AuthHello):
+            if conn not in self.challenges and len(self.challenges) >= self.config.max_half_open:
+                return refuse(f"too many connections are authenticating (max_half_open "
+                              f"{self.config.max_half_open}); try again later")
+            try:
+                resp = auth.Responder(secret, auth.CONTROL, msg.nonce, nonce_source=self._nonce_source)
+            except AuthenticationFailed as exc:
+                return refuse(str(exc))
+            self.challenges[conn] = (resp, now + self.config.connect_timeout)
+            self._send(out, conn, m.AuthChallenge(nonce=resp.nonce, proof=resp.proof), now)
+            return
+        pending = self.challenges.pop(conn, None)
+        if pending is None:
+            return refuse("no authentication challenge is pending on this connection (send auth_hello first)")
+        if not pending[0].verify(msg.proof):
+            return refuse("wrong secret: the peer's proof does not match this master's secret")
+        self.proven[conn] = now + self.config.connect_timeout
+
     def _register(self, conn: Conn, msg: m.Register, now: float, out: list[Send]) -> None:
+        if conn in self.proven:
+            self.proven[conn] = float("inf")  # registered: no deadline; forgotten at disconnect
         pid = self.next_id
         self.next_id += 1
         peer = PeerRec(pid, conn, msg.group, msg.data_host, msg.data_port, msg.locality, msg.name,

@@ -1,23 +1,53 @@
-"""``pccl status``: ask a master for its view, over a short-lived DEALER socket."""
+"""``pccl status``: ask a master for its view, over a short-lived DEALER socket.
+
+With a secret (``secret=``, else ``PCCL_SECRET``) the query first proves it, as peers do
+(``transports.auth``): hello, check the master's proof, send ours, then the query.
+"""
 from __future__ import annotations
+
+import time
 
 import zmq
 
-from pccl.errors import MasterUnreachable
+from pccl.config import resolve
+from pccl.errors import AuthenticationFailed, MasterUnreachable
+from pccl.transports import auth
 from pccl.transports import messages as m
 
 
-def query_status(master: str, timeout: float = 5.0) -> str:
-    """Return the master's status text. Raises MasterUnreachable if it does not answer in time."""
+def _recv(sock: zmq.Socket, master: str, deadline: float) -> object:
+    left = deadline - time.monotonic()
+    if left <= 0 or not sock.poll(int(left * 1000) + 1):
+        raise MasterUnreachable(f"the master at {master} did not answer in time")
+    reply = m.decode(sock.recv())
+    if isinstance(reply, m.AuthFailed):
+        raise AuthenticationFailed(f"authentication with the master failed: {reply.reason}")
+    return reply
+
+
+def query_status(master: str, timeout: float = 5.0, secret: str | bytes | None = None) -> str:
+    """Return the master's status text. Raises MasterUnreachable if it does not answer in time,
+    AuthenticationFailed if the secrets (or the lack of one) do not match."""
+    key = resolve(None, secret).secret
+    deadline = time.monotonic() + timeout
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://{master}")
+        if key is not None:
+            initiator = auth.Initiator(key, auth.CONTROL)
+            sock.send(m.encode(m.AuthHello(nonce=initiator.nonce)))
+            challenge = _recv(sock, master, deadline)
+            if not isinstance(challenge, m.AuthChallenge):
+                raise MasterUnreachable(f"unexpected answer from {master}: {type(challenge).__name__}")
+            try:
+                mine = initiator.answer(challenge.nonce, challenge.proof)
+            except AuthenticationFailed:
+                raise AuthenticationFailed("authentication with the master failed: wrong secret") from None
+            sock.send(m.encode(m.AuthProof(proof=mine)))
         sock.send(m.encode(m.StatusQuery(req=1)))
-        if not sock.poll(int(timeout * 1000)):
-            raise MasterUnreachable(f"the master at {master} did not answer within {timeout}s")
-        reply = m.decode(sock.recv())
+        reply = _recv(sock, master, deadline)
         if not isinstance(reply, m.StatusReply):
             raise MasterUnreachable(f"unexpected answer from {master}: {type(reply).__name__}")
         return reply.text

@@ -8,7 +8,7 @@ import pytest
 from pccl.config import Config, resolve
 from pccl.errors import InvalidUsage
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "secret"}  # secret: test_auth.py
 INT_FIELDS = sorted(n for n, f in FIELDS.items() if f.type in ("int", int))
 FLOAT_FIELDS = sorted(n for n, f in FIELDS.items() if f.type in ("float", float))
 

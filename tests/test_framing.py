@@ -117,6 +117,7 @@ def test_wrong_magic_of_other_formats():
 DECODERS = {
     "handshake": (f.decode_handshake, f.HANDSHAKE_SIZE),
     "ack": (f.decode_ack, f.ACK_SIZE),
+    "reply": (f.decode_reply, f.ACK_SIZE),
     "frame": (lambda b: f.decode_frame(b, CAP), f.FRAME_SIZE),
     "state_request": (lambda b: f.decode_state_request(b, CAP), f.STATE_REQ_SIZE),
     "state_reply": (lambda b: f.decode_state_reply(b, CAP), f.STATE_REP_SIZE),
@@ -144,6 +145,7 @@ def test_random_bytes_of_every_length(name, data):
 def test_every_wrong_length_is_refused(name):
     decoder, size = DECODERS[name]
     good = {"handshake": f.encode_handshake(f.Handshake(1, 2, 3)), "ack": f.encode_ack(9),
+            "reply": f.encode_challenge(9),
             "frame": f.encode_frame(f.FrameHeader(1, 2, 3, 4)),
             "state_request": f.encode_state_request(f.StateRequest(1, 2, 3, 4)),
             "state_reply": f.encode_state_reply(f.StateReply(f.STATE_OK, 2, 3))}[name]
@@ -159,8 +161,11 @@ def test_every_wrong_length_is_refused(name):
 @st.composite
 def mutated(draw, name):
     good = {
-        "handshake": lambda: f.encode_handshake(f.Handshake(draw(U64), draw(U64), draw(st.integers(0, 63)))),
+        "handshake": lambda: f.encode_handshake(f.Handshake(draw(U64), draw(U64), draw(st.integers(0, 63)),
+                                                            draw(st.sampled_from(f.KINDS)), draw(st.booleans()))),
         "ack": lambda: f.encode_ack(draw(U64)),
+        "reply": lambda: draw(st.sampled_from([f.encode_ack(draw(U64)), f.encode_challenge(draw(U64)),
+                                               f.encode_nak(draw(st.sampled_from(sorted(f.NAK_REASONS))))])),
         "frame": lambda: f.encode_frame(f.FrameHeader(draw(U64), draw(U32), draw(U32), draw(st.integers(0, CAP)))),
         "state_request": lambda: f.encode_state_request(
             f.StateRequest(draw(U64), draw(U32), draw(U64), draw(st.integers(0, CAP)))),
@@ -217,3 +222,33 @@ def test_frame_header_flips(i, x):
         assert result is None
     elif result is not None:
         assert result.nbytes <= CAP
+
+
+# --------------------------------------------------------------------------- authentication frames
+@FUZZ
+@given(U64, U64, st.integers(0, f.MAX_CONNECTIONS - 1), st.sampled_from(f.KINDS), st.booleans())
+def test_auth_handshake_round_trip(pid, rev, index, kind, auth):
+    h = f.Handshake(pid, rev, index, kind, auth)
+    blob = f.encode_handshake(h)
+    assert blob.startswith(f.HANDSHAKE_AUTH_MAGIC if auth else f.HANDSHAKE_MAGIC)
+    assert f.decode_handshake(blob) == h
+
+
+@FUZZ
+@given(U64)
+def test_replies_round_trip_and_unknown_refusals_are_rejected(value):
+    assert f.decode_reply(f.encode_ack(value)) == f.Reply("ack", value)
+    assert f.decode_reply(f.encode_challenge(value)) == f.Reply("challenge", value)
+    if value in f.NAK_REASONS:
+        assert f.decode_reply(f.encode_nak(value)) == f.Reply("nak", value)
+    else:
+        with pytest.raises(ProtocolError):
+            f.decode_reply(f.encode_nak(value))
+
+
+@FUZZ
+@given(st.integers(0, 7), st.integers(1, 255))
+def test_one_flip_never_turns_a_plain_handshake_into_an_auth_one(i, x):
+    blob = bytearray(f.encode_handshake(f.Handshake(5, 6, 7)))
+    blob[i] ^= x
+    assert only_protocol_error(f.decode_handshake, bytes(blob)) is None

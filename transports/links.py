@@ -2,11 +2,14 @@
 worker thread running queued jobs in FIFO order.
 
 How it works
-1. Every peer listens on one TCP port. An accepted connection must send a valid handshake within
-   ``connect_timeout``; the listener answers with an ack naming its own peer id and parks the
+1. Every peer listens on one TCP port. An accepted connection must complete its handshake within
+   ``connect_timeout`` in total (a deadline, not a per-read timeout, so a client trickling bytes
+   is cut off too); the listener answers with an ack naming its own peer id and parks the
    socket under (revision, connector id, index) until the communicator claims it. At most
    ``max_half_open`` connections may be in handshake, parked or being served; more are closed at
-   once. Connections of another kind (shared-state transfer, bandwidth probe) are handed to the
+   once. With a shared secret (``Config.secret``) both sides first prove it by HMAC
+   challenge-response (``transports.auth``); a side without it, or with another, is refused
+   with a reason code and the connection closed. Connections of another kind (shared-state transfer, bandwidth probe) are handed to the
    handler registered for that kind, on the handshake's thread, and closed when it returns.
 2. The connector opens K sockets per directed link (one direction each: a socket only ever sends
    or only ever receives), sends the handshake and checks the ack's peer id.
@@ -28,8 +31,8 @@ from typing import Callable
 import numpy as np
 
 from pccl.config import Config
-from pccl.errors import InvalidUsage, PcclTimeout, PeerFailure, ProtocolError
-from pccl.transports import framing
+from pccl.errors import AuthenticationFailed, InvalidUsage, PcclError, PcclTimeout, PeerFailure, ProtocolError
+from pccl.transports import auth, framing
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,30 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Receive exactly ``n`` bytes before ``deadline`` (each read gets only the time left, so a
+    trickle of bytes cannot stretch the wait). Raises PcclTimeout, PeerFailure (EOF) or OSError."""
     buf = bytearray(n)
-    recv_exact(sock, memoryview(buf))
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PcclTimeout("the handshake did not complete within connect_timeout")
+        sock.settimeout(left)
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerFailure("connection closed by the remote peer")
+        got += k
     return bytes(buf)
+
+
+def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PcclTimeout("the handshake did not complete within connect_timeout")
+    sock.settimeout(left)
+    sock.sendall(data)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -87,25 +110,44 @@ class Listener:
                 continue
             with self._cond:
                 over = self._half_open + len(self._parked) >= self.config.max_half_open
+                if over:
+                    self._purge_dead_locked()
+                    over = self._half_open + len(self._parked) >= self.config.max_half_open
                 if not over:
                     self._half_open += 1
             if over:
                 log.warning("too many half-open data connections; dropping one")
                 conn.close()
                 continue
-            threading.Thread(target=self._handshake, args=(conn,), name="pccl-handshake", daemon=True).start()
+            threading.Thread(target=self._handshake, args=(conn, _addr), name="pccl-handshake",
+                             daemon=True).start()
 
-    def _handshake(self, conn: socket.socket) -> None:
+    def _handshake(self, conn: socket.socket, addr: object = None) -> None:
         parked = False
+        deadline = time.monotonic() + self.config.connect_timeout
         try:
-            conn.settimeout(self.config.connect_timeout)
-            hs = framing.decode_handshake(_recv_bytes(conn, framing.HANDSHAKE_SIZE))
+            raw = _recv_by(conn, framing.HANDSHAKE_SIZE, deadline)
+            hs = framing.decode_handshake(raw)
+            secret = self.config.secret
+            if hs.auth != (secret is not None):
+                reason = framing.NAK_NO_SECRET if hs.auth else framing.NAK_NEED_SECRET
+                _send_by(conn, framing.encode_nak(reason), deadline)
+                raise AuthenticationFailed("the connector " + (
+                    "offered a secret and this peer has none" if hs.auth else "did not prove the shared secret"))
+            nonce = _recv_by(conn, auth.NONCE_SIZE, deadline) if hs.auth else b""
             if self.peer_id is None:
                 raise ProtocolError("this peer has no id yet")
             handler = self._handlers.get(hs.kind)
             if hs.kind != framing.KIND_LINK and handler is None:
                 raise ProtocolError(f"this peer serves no connections of kind {hs.kind}")
-            conn.sendall(framing.encode_ack(self.peer_id))
+            if secret is not None:
+                header = framing.encode_challenge(self.peer_id)
+                resp = auth.Responder(secret, auth.DATA, nonce, raw, header)
+                _send_by(conn, header + resp.nonce + resp.proof, deadline)
+                if not resp.verify(_recv_by(conn, auth.PROOF_SIZE, deadline)):
+                    _send_by(conn, framing.encode_nak(framing.NAK_BAD_PROOF), deadline)
+                    raise AuthenticationFailed("the connector's proof was wrong (a different secret)")
+            _send_by(conn, framing.encode_ack(self.peer_id), deadline)
             _tune(conn)
             if handler is not None:
                 handler(conn, hs)  # bounded by the handler's own socket timeouts
@@ -119,12 +161,28 @@ class Listener:
                 self._parked[key] = (conn, time.monotonic())
                 parked = True
                 self._cond.notify_all()
-        except (OSError, PeerFailure, ProtocolError) as exc:
+        except AuthenticationFailed as exc:
+            log.warning("refused a data connection from %s: %s", addr, exc)
+        except (OSError, PcclError) as exc:
             log.info("dropped a data connection during handshake: %s", exc)
         finally:
             with self._cond:
                 self._half_open -= 1
             if not parked:
+                conn.close()
+
+    def _purge_dead_locked(self) -> None:
+        """Close parked connections whose connector already hung up (EOF pending), so slots held
+        by vanished connectors are freed before a new connection is refused."""
+        for key, (conn, _) in list(self._parked.items()):
+            try:
+                dead = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                dead = False
+            except OSError:
+                dead = True
+            if dead:
+                self._parked.pop(key)
                 conn.close()
 
     def _expire(self) -> None:
@@ -180,20 +238,44 @@ class Listener:
 
 def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, index: int,
             config: Config, kind: int = framing.KIND_LINK) -> socket.socket:
-    """Open one outgoing data connection and complete the handshake (bounded by connect_timeout)."""
+    """Open one outgoing data connection and complete the handshake, ``connect_timeout`` in total.
+
+    With ``config.secret`` both sides prove it first. Raises PeerFailure (unreachable, closed,
+    timed out, malformed answer, another peer at that address) or AuthenticationFailed (the
+    listener refused this side's secret or lack of one, or did not prove the secret itself).
+    """
+    deadline = time.monotonic() + config.connect_timeout
     try:
         sock = socket.create_connection((host, port), timeout=config.connect_timeout)
     except OSError as exc:
         raise PeerFailure(f"cannot reach peer {expect_id} at {host}:{port}: {exc}") from exc
     try:
-        sock.sendall(framing.encode_handshake(framing.Handshake(my_id, revision, index, kind)))
-        got = framing.decode_ack(_recv_bytes(sock, framing.ACK_SIZE))
-        if got != expect_id:
-            raise PeerFailure(f"{host}:{port} is peer {got}, not peer {expect_id}")
+        secret = config.secret
+        raw = framing.encode_handshake(framing.Handshake(my_id, revision, index, kind, secret is not None))
+        initiator = auth.Initiator(secret, auth.DATA) if secret is not None else None
+        _send_by(sock, raw + (initiator.nonce if initiator is not None else b""), deadline)
+        head = _recv_by(sock, framing.ACK_SIZE, deadline)
+        reply = framing.decode_reply(head)
+        if reply.kind == "challenge" and initiator is not None:
+            rest = _recv_by(sock, auth.NONCE_SIZE + auth.PROOF_SIZE, deadline)
+            try:
+                mine = initiator.answer(rest[:auth.NONCE_SIZE], rest[auth.NONCE_SIZE:], raw, head)
+            except AuthenticationFailed:
+                raise AuthenticationFailed(f"data connection to peer {expect_id} at {host}:{port}: it did not "
+                                           "prove the shared secret (wrong secret on one side)") from None
+            _send_by(sock, mine, deadline)
+            reply = framing.decode_reply(_recv_by(sock, framing.ACK_SIZE, deadline))
+        if reply.kind == "nak":
+            raise AuthenticationFailed(f"data connection to peer {expect_id} at {host}:{port} refused: "
+                                       f"{framing.NAK_REASONS[reply.value]}")
+        if reply.kind != "ack":
+            raise ProtocolError(f"unexpected handshake reply ({reply.kind})")
+        if reply.value != expect_id:
+            raise PeerFailure(f"{host}:{port} is peer {reply.value}, not peer {expect_id}")
         sock.settimeout(None)
         _tune(sock)
         return sock
-    except (OSError, ProtocolError) as exc:
+    except (OSError, ProtocolError, PcclTimeout) as exc:
         sock.close()
         raise PeerFailure(f"handshake with peer {expect_id} failed: {exc}") from exc
     except BaseException:

@@ -83,6 +83,38 @@ class FetchRec:
     digest: bytes
 
 
+# --------------------------------------------------------------------------- authentication
+# With a shared secret, a connection starts with AuthHello -> AuthChallenge -> AuthProof (then its
+# Register or StatusQuery); see transports.auth. Nonces and proofs are 32 bytes.
+@message("auth_hello")
+class AuthHello:
+    """peer -> master: the first message of an authenticating connection."""
+
+    nonce: bytes
+
+
+@message("auth_challenge")
+class AuthChallenge:
+    """master -> peer: the master's nonce and its proof of the secret."""
+
+    nonce: bytes
+    proof: bytes
+
+
+@message("auth_proof")
+class AuthProof:
+    """peer -> master: the peer's proof of the secret."""
+
+    proof: bytes
+
+
+@message("auth_failed")
+class AuthFailed:
+    """master -> peer: authentication was refused (the reason never contains the secret)."""
+
+    reason: str
+
+
 # --------------------------------------------------------------------------- peer -> master
 @message("register")
 class Register:
