@@ -336,6 +336,10 @@ class Connection:
             except Exception:  # a bug in a callback must not kill the lane
                 log.exception("lane completion callback failed")
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def _open(self) -> None:
         assert self._opener is not None
         try:
@@ -466,17 +470,22 @@ class Mesh:
             return self._send[peer]
 
     def recv(self, peer: int) -> list[Connection]:
-        """K receive-only connections from ``peer``."""
+        """K receive-only connections from ``peer``. A claim waits until ``peer`` dials (peers
+        reach an op's commencement at slightly different times, seconds apart under load), up to
+        ``op_timeout``; it gives up as soon as the peer is known dead or the connection aborted."""
         with self._lock:
             if self._closed:
                 raise PeerFailure("the data links of this revision are closed")
             if peer not in self._recv:
-                self._recv[peer] = [Connection(
-                    None, f"r{self.revision}-mesh-from{peer}-{i}",
-                    lambda i=i: self.listener.claim(
-                        self.revision, peer, framing.MESH_INDEX + i,
-                        time.monotonic() + self.config.connect_timeout, lambda: self.abandoned(peer)))
-                    for i in range(self.k)]
+                conns = []
+                for i in range(self.k):
+                    def claim(i: int = i, index: int = len(conns)) -> socket.socket:
+                        conn = conns[index]
+                        return self.listener.claim(self.revision, peer, framing.MESH_INDEX + i,
+                                                   time.monotonic() + self.config.op_timeout,
+                                                   lambda: self.abandoned(peer) or conn.aborted)
+                    conns.append(Connection(None, f"r{self.revision}-mesh-from{peer}-{i}", claim))
+                self._recv[peer] = conns
             return self._recv[peer]
 
     def _all(self) -> list[Connection]:
