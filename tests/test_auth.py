@@ -403,6 +403,27 @@ def test_parked_connections_of_vanished_connectors_free_their_slots(listener_fac
     assert not any(k[0] == 99 for k in lst._parked)
 
 
+def test_master_closes_a_connection_that_never_finishes_the_zmtp_greeting():
+    """libzmq's default greeting timeout is 30 s; the master uses connect_timeout (1 s here), so a
+    silent or trickling client is gone well within the 15 s this test waits."""
+    with pccl.Master("127.0.0.1", 0, config=Config(connect_timeout=1.0)) as master:
+        host, port = master.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"\xff")  # the first byte of a greeting, then nothing
+            s.settimeout(15)
+            closed = False
+            try:
+                while s.recv(4096):
+                    pass  # the master's own greeting bytes
+                closed = True
+            except ConnectionResetError:
+                closed = True
+            except socket.timeout:
+                closed = False
+            assert closed, "the master kept a half-greeted connection open"
+        assert "revision" in master.status()
+
+
 # --------------------------------------------------------------------------- real peers (threads)
 def test_secret_on_the_peer_only_is_refused_clearly():
     with pccl.Master("127.0.0.1", 0, config=Config()) as master:
