@@ -211,7 +211,7 @@ def auth_traffic(draw):
     return steps
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(auth_traffic())
 def test_core_auth_state_machine_never_registers_an_unproven_connection(steps):
     core = MasterCore(Config(secret=SECRET, max_half_open=2, connect_timeout=2.0))
@@ -503,3 +503,28 @@ def test_wrong_and_missing_secret_refused_while_an_authenticated_group_keeps_wor
     for p in peers:
         p.expect("done", timeout=60)
     assert [e for p in peers for e in p.log if e["event"] == "op_fail"] == []
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_master_and_status_read_the_secret_from_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    key = tmp_path / "key"
+    key.write_text("cli-secret-value\n")
+    cli = [sys.executable, "-m", "pccl.cli"]
+    proc = subprocess.Popen(cli + ["master", "--host", "127.0.0.1", "--port", "0", "--secret-file", str(key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "peers must prove the shared secret" in line, line
+        address = line.split()[4]
+        assert "requires the shared secret" in str(pytest.raises(AuthenticationFailed, query_status, address).value)
+        r = subprocess.run(cli + ["status", "--master", address, "--secret-file", str(key)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "revision" in r.stdout, r.stderr
+        assert "cli-secret-value" not in r.stdout + r.stderr + line
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "cli-secret-value" not in out + err
