@@ -42,7 +42,8 @@ def query_status(master: str, timeout: float = 5.0, secret: str | bytes | None =
             sock.send(m.encode(m.AuthHello(nonce=initiator.nonce)))
             challenge = _recv(sock, master, deadline, config.max_control_message)
             if not isinstance(challenge, m.AuthChallenge):
-                raise MasterUnreachable(f"unexpected answer from {master}: {type(challenge).__name__}")
+                raise AuthenticationFailed(f"authentication with the master failed: it answered with "
+                                           f"{type(challenge).__name__} without proving the shared secret")
             try:
                 mine = initiator.answer(challenge.nonce, challenge.proof)
             except AuthenticationFailed:

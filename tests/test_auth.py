@@ -298,6 +298,58 @@ def test_data_handshake_mismatch_fails_clearly_and_the_listener_keeps_serving(li
     s.close()
 
 
+def test_a_listener_that_accepts_without_proving_the_secret_is_refused():
+    """Mutual: a fake listener answering a plain ack to an authenticating connector is not trusted."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def fake() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.recv(framing.HANDSHAKE_SIZE + auth.NONCE_SIZE)
+            c.sendall(framing.encode_ack(7))
+            c.recv(1)
+
+    t = threading.Thread(target=fake, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(AuthenticationFailed, match="without proving"):
+            links.connect("127.0.0.1", port, 3, 7, 1, 0, Config(secret=SECRET, connect_timeout=5.0))
+    finally:
+        t.join(10)
+        srv.close()
+
+
+def test_a_master_that_answers_without_proving_the_secret_is_refused():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    comm = pccl.Communicator(f"127.0.0.1:{port}", timeouts=Config(), secret=SECRET)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            comm.connect(timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert router.poll(20000)
+        conn, hello = router.recv_multipart()
+        assert isinstance(m.decode(hello), m.AuthHello)
+        router.send_multipart([conn, m.encode(m.Registered(peer_id=1, accepted=True))])
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], AuthenticationFailed), errors
+        assert "without proving" in str(errors[0])
+    finally:
+        comm.close()
+        router.close(0)
+        ctx.term()
+
+
 def test_raw_client_that_skips_or_garbles_the_auth_is_dropped(listener_factory):
     cfg = Config(secret=SECRET, connect_timeout=5.0)
     lst = listener_factory(cfg)
