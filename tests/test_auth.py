@@ -211,7 +211,7 @@ def auth_traffic(draw):
     return steps
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(auth_traffic())
 def test_core_auth_state_machine_never_registers_an_unproven_connection(steps):
     core = MasterCore(Config(secret=SECRET, max_half_open=2, connect_timeout=2.0))
@@ -296,6 +296,58 @@ def test_data_handshake_mismatch_fails_clearly_and_the_listener_keeps_serving(li
     s = links.connect("127.0.0.1", lst.port, 3, 7, 1, 1, good)
     lst.claim(1, 3, 1, time.monotonic() + 5).close()
     s.close()
+
+
+def test_a_listener_that_accepts_without_proving_the_secret_is_refused():
+    """Mutual: a fake listener answering a plain ack to an authenticating connector is not trusted."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def fake() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.recv(framing.HANDSHAKE_SIZE + auth.NONCE_SIZE)
+            c.sendall(framing.encode_ack(7))
+            c.recv(1)
+
+    t = threading.Thread(target=fake, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(AuthenticationFailed, match="without proving"):
+            links.connect("127.0.0.1", port, 3, 7, 1, 0, Config(secret=SECRET, connect_timeout=5.0))
+    finally:
+        t.join(10)
+        srv.close()
+
+
+def test_a_master_that_answers_without_proving_the_secret_is_refused():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    comm = pccl.Communicator(f"127.0.0.1:{port}", timeouts=Config(), secret=SECRET)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            comm.connect(timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert router.poll(20000)
+        conn, hello = router.recv_multipart()
+        assert isinstance(m.decode(hello), m.AuthHello)
+        router.send_multipart([conn, m.encode(m.Registered(peer_id=1, accepted=True))])
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], AuthenticationFailed), errors
+        assert "without proving" in str(errors[0])
+    finally:
+        comm.close()
+        router.close(0)
+        ctx.term()
 
 
 def test_raw_client_that_skips_or_garbles_the_auth_is_dropped(listener_factory):
@@ -403,6 +455,27 @@ def test_parked_connections_of_vanished_connectors_free_their_slots(listener_fac
     assert not any(k[0] == 99 for k in lst._parked)
 
 
+def test_master_closes_a_connection_that_never_finishes_the_zmtp_greeting():
+    """libzmq's default greeting timeout is 30 s; the master uses connect_timeout (1 s here), so a
+    silent or trickling client is gone well within the 15 s this test waits."""
+    with pccl.Master("127.0.0.1", 0, config=Config(connect_timeout=1.0)) as master:
+        host, port = master.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"\xff")  # the first byte of a greeting, then nothing
+            s.settimeout(15)
+            closed = False
+            try:
+                while s.recv(4096):
+                    pass  # the master's own greeting bytes
+                closed = True
+            except ConnectionResetError:
+                closed = True
+            except socket.timeout:
+                closed = False
+            assert closed, "the master kept a half-greeted connection open"
+        assert "revision" in master.status()
+
+
 # --------------------------------------------------------------------------- real peers (threads)
 def test_secret_on_the_peer_only_is_refused_clearly():
     with pccl.Master("127.0.0.1", 0, config=Config()) as master:
@@ -482,3 +555,28 @@ def test_wrong_and_missing_secret_refused_while_an_authenticated_group_keeps_wor
     for p in peers:
         p.expect("done", timeout=60)
     assert [e for p in peers for e in p.log if e["event"] == "op_fail"] == []
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_master_and_status_read_the_secret_from_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    key = tmp_path / "key"
+    key.write_text("cli-secret-value\n")
+    cli = [sys.executable, "-m", "pccl.cli"]
+    proc = subprocess.Popen(cli + ["master", "--host", "127.0.0.1", "--port", "0", "--secret-file", str(key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "peers must prove the shared secret" in line, line
+        address = line.split()[4]
+        assert "requires the shared secret" in str(pytest.raises(AuthenticationFailed, query_status, address).value)
+        r = subprocess.run(cli + ["status", "--master", address, "--secret-file", str(key)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "revision" in r.stdout, r.stderr
+        assert "cli-secret-value" not in r.stdout + r.stderr + line
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "cli-secret-value" not in out + err

@@ -100,6 +100,9 @@ class ControlChannel:
         if isinstance(msg, m.AuthFailed):
             raise AuthenticationFailed(f"authentication with the master failed: {msg.reason}")
         if not isinstance(msg, m.AuthChallenge):
+            if self._auth is not None:  # mutual: nothing counts before the master proved the secret
+                raise AuthenticationFailed(f"authentication with the master failed: it answered with "
+                                           f"{type(msg).__name__} without proving the shared secret")
             return False
         if self._auth is None:
             raise ProtocolError("the master sent an unexpected authentication challenge")

@@ -256,6 +256,9 @@ def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, ind
         _send_by(sock, raw + (initiator.nonce if initiator is not None else b""), deadline)
         head = _recv_by(sock, framing.ACK_SIZE, deadline)
         reply = framing.decode_reply(head)
+        if initiator is not None and reply.kind == "ack":
+            raise AuthenticationFailed(f"data connection to peer {expect_id} at {host}:{port}: it accepted "
+                                       "without proving the shared secret")
         if reply.kind == "challenge" and initiator is not None:
             rest = _recv_by(sock, auth.NONCE_SIZE + auth.PROOF_SIZE, deadline)
             try:
