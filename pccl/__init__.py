@@ -12,7 +12,7 @@ from pccl.communicator import AllReduceHandle, Communicator, ReduceInfo
 from pccl.config import Config
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
-    RETRYABLE, Aborted, InvalidUsage, Kicked, MasterUnreachable, PcclError, PcclTimeout, PeerFailure,
+    RETRYABLE, Aborted, InvalidUsage, Kicked, MasterLost, MasterUnreachable, PcclError, PcclTimeout, PeerFailure,
     ProtocolError,
 )
 from pccl.master import Master
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aborted", "Algorithm", "AllReduceHandle", "Communicator", "Config", "InvalidUsage", "Kicked", "Master",
-    "MasterUnreachable", "PcclError", "PcclTimeout", "PeerFailure", "ProtocolError", "Quantization",
+    "MasterLost", "MasterUnreachable", "PcclError", "PcclTimeout", "PeerFailure", "ProtocolError", "Quantization",
     "RETRYABLE", "ReduceInfo", "ReduceOp", "SharedState", "SyncInfo", "SyncStrategy", "__version__",
 ]
