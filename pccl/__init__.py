@@ -12,7 +12,8 @@ from pccl.communicator import AllReduceHandle, Communicator, ReduceInfo
 from pccl.config import Config
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
-    RETRYABLE, Aborted, AuthenticationFailed, InvalidUsage, Kicked, MasterUnreachable, PcclError, PcclTimeout, PeerFailure,
+    RETRYABLE, Aborted, AuthenticationFailed, InvalidUsage, Kicked, MasterLost, MasterUnreachable, PcclError,
+    PcclTimeout, PeerFailure,
     ProtocolError,
 )
 from pccl.master import Master
@@ -21,7 +22,8 @@ from pccl.shared_state import SharedState, SyncInfo
 __version__ = "0.1.0"
 
 __all__ = [
-    "Aborted", "Algorithm", "AllReduceHandle", "AuthenticationFailed", "Communicator", "Config", "InvalidUsage", "Kicked", "Master",
-    "MasterUnreachable", "PcclError", "PcclTimeout", "PeerFailure", "ProtocolError", "Quantization",
+    "Aborted", "Algorithm", "AllReduceHandle", "AuthenticationFailed", "Communicator", "Config", "InvalidUsage",
+    "Kicked", "Master", "MasterLost", "MasterUnreachable", "PcclError", "PcclTimeout", "PeerFailure", "ProtocolError",
+    "Quantization",
     "RETRYABLE", "ReduceInfo", "ReduceOp", "SharedState", "SyncInfo", "SyncStrategy", "__version__",
 ]

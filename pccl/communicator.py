@@ -11,6 +11,11 @@ How it works
    waits for commence, waits for its local part, reports it, and waits for the master's single
    verdict: commit writes the result, abort restores the caller's input and raises.
 4. Fatal failures (kicked, master unreachable) fail every waiting call and every later call.
+   A lost master connection is not fatal (``_on_lost``): calls in flight fail with MasterLost
+   (retryable, inputs restored), the control channel re-registers in the background, and the
+   next ``update_topology`` / ``are_peers_pending`` re-forms the group (``_reform``): wait to be
+   admitted by the restarted master, then vote until every former group member is back or
+   ``master_regroup_timeout`` passes. Collectives and syncs started meanwhile raise MasterLost.
 5. ``sync_shared_state`` hashes the state, offers its bytes to the data listener and votes; the
    master's plan says which keys to download from which holders (``transports.state_transfer``);
    every participant serves until the master's ``SyncDone``.
@@ -36,7 +41,8 @@ from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import (
-    Aborted, AuthenticationFailed, InvalidUsage, Kicked, PcclError, PcclTimeout, PeerFailure, error_from_kind,
+    Aborted, AuthenticationFailed, InvalidUsage, Kicked, MasterLost, PcclError, PcclTimeout, PeerFailure,
+    error_from_kind,
 )
 from pccl.master_core import SYNC_TAG
 from pccl.shared_state import SharedState, SyncInfo, digest
@@ -171,6 +177,13 @@ class Communicator:
         self._sync: _SyncWait | None = None
         self._server = state_transfer.StateServer()
         self._probes: list[threading.Thread] = []
+        self._data_host = ""
+        # Riding through a master restart (see ``_on_lost`` and ``_reform``).
+        self._lost: MasterLost | None = None  # set from a lost master connection until re-admitted
+        self._epoch = 0  # master connections lost so far
+        self._registered_epoch = -1  # epoch of the last Registered
+        self._admitted = False  # was in a topology once: re-registrations say rejoin
+        self._former: set[tuple[str, int]] = set()  # data addresses of the group to re-form
 
     # ------------------------------------------------------------------ properties
     @property
@@ -205,12 +218,13 @@ class Communicator:
                 return
             if isinstance(msg, m.Registered):
                 self._peer_id = msg.peer_id
+                self._registered_epoch = self._epoch
                 if self._listener is not None:
                     self._listener.peer_id = msg.peer_id
             elif isinstance(msg, m.Topology):
                 self._new_topology = msg
             elif isinstance(msg, m.PendingReply):
-                self._replies[msg.req] = msg.pending
+                self._replies[msg.req] = (msg.pending, msg.rejoin)
             elif isinstance(msg, m.Commence):
                 self._commence(msg)
             elif isinstance(msg, m.OpFailed) and msg.tag == SYNC_TAG:
@@ -259,6 +273,41 @@ class Communicator:
             if op.job is not None:
                 op.job.abort(err)
 
+    def _on_lost(self, err: MasterLost) -> None:
+        """The control channel lost the master and re-registers in the background (control thread)."""
+        with self._cond:
+            if self._closed or self._failure is not None:
+                return
+            if self._peer_id is not None and self._peer_id in self._ring:
+                # Remember who to wait for when the group re-forms (data addresses survive a
+                # restart, peer ids do not); a second loss before re-forming keeps the first list.
+                me = self._peer_id
+                self._former |= {(mb.host, mb.port) for mb in self._members.values()
+                                 if mb.group == self.peer_group and mb.peer_id != me and mb.peer_id not in self._dead}
+            self._epoch += 1
+            self._lost = err
+            self._new_topology = None
+            self._dead.clear()  # the next master numbers peers afresh
+            self._replies.clear()
+            for op in self._ops.values():
+                if op.commence is None and op.refused is None:
+                    op.refused = err
+                if op.job is not None:
+                    op.job.abort(err)
+            self._by_seq.clear()
+            if self._sync is not None and self._sync.plan is None and self._sync.refused is None:
+                self._sync.refused = err
+            self._cond.notify_all()
+        if self._listener is not None:
+            self._listener.drop_older(1 << 62)  # parked links of the old world: ids and revisions restart
+            self._listener.wake()
+
+    def _hello(self) -> m.Register:
+        """The registration sent on every new master connection (built by the control thread)."""
+        assert self._listener is not None
+        return m.Register(group=self.peer_group, data_host=self._data_host, data_port=self._listener.port,
+                          locality=self.locality, name=self.name, rejoin=self._admitted)
+
     def _commence(self, msg: m.Commence) -> None:
         op = self._ops.get(msg.tag)
         if op is None or op.commence is not None or op.refused is not None:
@@ -289,15 +338,21 @@ class Communicator:
 
     # ------------------------------------------------------------------ waiting helpers
     def _check(self) -> None:
+        self._check_fatal()
+        if self._lost is not None:
+            raise self._lost
+
+    def _check_fatal(self) -> None:
         if self._closed:
             raise InvalidUsage("the communicator is closed")
         if self._failure is not None:
             raise self._failure
 
-    def _wait(self, pred, deadline: float, what: str) -> None:
-        """Wait on the condition (lock held) until ``pred()``; fatal failures and the deadline raise."""
+    def _wait(self, pred, deadline: float, what: str, ride: bool = False) -> None:
+        """Wait on the condition (lock held) until ``pred()``; fatal failures and the deadline raise,
+        and a lost master connection too unless ``ride``."""
         while not pred():
-            self._check()
+            self._check_fatal() if ride else self._check()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PcclTimeout(f"{what} did not happen within the deadline")
@@ -330,14 +385,16 @@ class Communicator:
             raise InvalidUsage(f"cannot listen for data connections on {host}: {exc}") from exc
         self._listener.handle(framing.KIND_STATE, lambda s, hs: self._server.serve(s, hs, self.config))
         self._listener.handle(framing.KIND_PROBE, lambda s, hs: probe.sink(s, hs, self.config))
-        hello = m.Register(group=self.peer_group, data_host=host, data_port=self._listener.port,
-                           locality=self.locality, name=self.name)
-        self._control = ControlChannel(self.master, self.config, hello, self._on_message, self._on_failure)
+        self._data_host = host
+        self._control = ControlChannel(self.master, self.config, self._hello, self._on_message, self._on_failure,
+                                       self._on_lost)
         try:
             with self._cond:
-                self._wait(lambda: self._peer_id is not None and self._new_topology is not None,
-                           deadline, "admission by the master")
+                # A master restart while pending only means registering again: keep waiting.
+                self._wait(lambda: self._registered_epoch == self._epoch and self._new_topology is not None,
+                           deadline, "admission by the master", ride=True)
                 topo = self._new_topology
+                self._lost = None
             self._apply(topo, deadline)
         except PcclTimeout:
             self.close()
@@ -359,6 +416,7 @@ class Communicator:
             self._links = LinkSet.empty(topo.revision)
             self._links_ok = False
             self._revision = topo.revision
+            self._admitted = True
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
             self._members = {mb.peer_id: mb for mb in topo.members}
             assert self._listener is not None
@@ -396,8 +454,14 @@ class Communicator:
         ``admit=False`` (used by retries in the middle of a training step) pending peers stay
         pending if any voter says so; the next ordinary update admits them.
 
-        Raises InvalidUsage (async collectives still in flight), PcclTimeout, MasterUnreachable,
-        Kicked, PeerFailure (a neighbour died while links were opened: call it again).
+        After a master restart (a call failed with MasterLost) it waits until this peer is
+        registered with the new master and re-forms the group: former members that re-register
+        within ``master_regroup_timeout`` are admitted (new peer ids), newcomers stay pending.
+
+        Raises InvalidUsage (async collectives still in flight), PcclTimeout, MasterLost (still
+        reconnecting at the deadline: call it again), MasterUnreachable (no master within
+        ``master_reconnect_timeout``), Kicked, PeerFailure (a neighbour died while links were
+        opened: call it again).
         """
         self._vote_topology(False, timeout, admit)
 
@@ -413,15 +477,95 @@ class Communicator:
     def _vote_topology(self, optimize: bool, timeout: float | None, admit: bool) -> None:
         deadline = time.monotonic() + (self.config.topology_timeout if timeout is None else timeout)
         with self._cond:
-            self._check()
+            self._check_fatal()
             if self._ops or self._sync is not None:
                 raise InvalidUsage("update_topology() while collectives are in flight; wait for them first")
+        if self._lost is None:
+            try:
+                self._vote_once(optimize, admit, deadline)
+                return
+            except MasterLost:
+                pass
+        self._reform(deadline)  # re-forming the group after a master restart is this topology update
+
+    def _vote_once(self, optimize: bool, admit: bool, deadline: float) -> None:
+        with self._cond:
+            self._check()
             start = self._revision
             self._send(m.VoteTopology(optimize=optimize, admit=admit))
             self._wait(lambda: self._new_topology is not None and self._new_topology.revision > start,
                        deadline, "the topology update (every accepted peer must call update_topology)")
             topo = self._new_topology
         self._apply(topo, deadline)
+
+    # ------------------------------------------------------------------ riding through a master restart
+    def _reform(self, deadline: float) -> None:
+        """Wait until the control channel re-registered and this peer is admitted again, adopt that
+        topology, then vote until every former member of the group is back (``_regroup``).
+
+        Raises MasterLost (``deadline`` passed while still reconnecting), MasterUnreachable (the
+        channel's reconnect window passed), Kicked, PeerFailure (links could not be opened).
+        """
+        while True:
+            with self._cond:
+                try:
+                    self._wait(lambda: self._lost is None or (
+                        self._registered_epoch == self._epoch and self._new_topology is not None
+                        and not self._ops and self._sync is None),
+                        deadline, "re-admission by the restarted master", ride=True)
+                except PcclTimeout:
+                    raise MasterLost(f"the connection to the master at {self.master} is not re-established yet "
+                                     "(the call's deadline passed); retry") from None
+                topo = self._new_topology if self._lost is not None else None
+                self._lost = None
+            try:
+                if topo is not None:
+                    log.info("peer %d: re-admitted by the master at %s (revision %d, %d members)",
+                             self.peer_id, self.master, topo.revision, len(topo.members))
+                    self._apply(topo, deadline)
+                self._regroup(deadline)
+                return
+            except MasterLost:
+                continue  # lost again while re-forming: wait for the next registration
+            except PcclError:
+                with self._cond:
+                    self._former = set()  # the caller's retry does an ordinary update
+                raise
+
+    def _regroup(self, deadline: float) -> None:
+        """Vote (admit=False: only re-joining peers get in) while former members of this peer's
+        group are missing and some re-joining peer is pending, for at most master_regroup_timeout."""
+        end = min(deadline, time.monotonic() + self.config.master_regroup_timeout)
+        while True:
+            with self._cond:
+                self._check()
+                present = {(mb.host, mb.port) for mb in self._members.values() if mb.group == self.peer_group}
+                missing = self._former - present
+                if not missing or time.monotonic() >= end:
+                    if missing:
+                        log.warning("peer %d: %d former member(s) of group %d did not re-register within %gs; "
+                                    "going on without them", self.peer_id, len(missing), self.peer_group,
+                                    self.config.master_regroup_timeout)
+                    elif self._former:
+                        log.info("peer %d: group %d re-formed after a master restart (revision %d)",
+                                 self.peer_id, self.peer_group, self._revision)
+                    self._former = set()
+                    return
+            _pending, rejoin = self._query_pending(min(end, time.monotonic() + self.config.request_timeout))
+            if rejoin:
+                self._vote_once(False, False, deadline)
+            else:
+                with self._cond:
+                    self._cond.wait(min(0.1, max(end - time.monotonic(), 0.0)))
+
+    def _query_pending(self, deadline: float) -> tuple[bool, bool]:
+        """(any peer pending, any pending peer re-joining after a master restart)."""
+        with self._cond:
+            self._check()
+            req = next(self._reqs)
+            self._send(m.PendingQuery(req=req))
+            self._wait(lambda: req in self._replies, deadline, "the master's answer")
+            return self._replies.pop(req)
 
     def _probe(self, msg: m.Probe) -> None:
         try:
@@ -433,14 +577,28 @@ class Communicator:
         self._send_quietly(m.ProbeResult(round=msg.round, target=msg.target, bytes_per_second=bps))
 
     def are_peers_pending(self, timeout: float | None = None) -> bool:
-        """Whether peers wait to be admitted (then every accepted peer should call update_topology)."""
-        deadline = time.monotonic() + (self.config.request_timeout if timeout is None else timeout)
-        with self._cond:
-            self._check()
-            req = next(self._reqs)
-            self._send(m.PendingQuery(req=req))
-            self._wait(lambda: req in self._replies, deadline, "the master's answer")
-            return self._replies.pop(req)
+        """Whether peers wait to be admitted (then every accepted peer should call update_topology).
+
+        While the connection to the master is being re-established (it restarted), it first waits
+        for the reconnection and re-forms the group like update_topology (up to
+        ``topology_timeout`` when ``timeout`` is None). Raises PcclTimeout, MasterLost (still
+        reconnecting at the deadline), MasterUnreachable, Kicked, PeerFailure.
+        """
+        start = time.monotonic()
+        deadline = start + (self.config.request_timeout if timeout is None else timeout)
+        reform_by = start + (self.config.topology_timeout if timeout is None else timeout)
+        while True:
+            if self._lost is not None:
+                self._reform(reform_by)
+                if timeout is None:
+                    deadline = time.monotonic() + self.config.request_timeout
+            try:
+                return self._query_pending(deadline)[0]
+            except MasterLost:
+                if time.monotonic() >= reform_by:
+                    raise
+                with self._cond:
+                    self._cond.wait(0.05)  # the control thread is reporting the loss
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, src: Any, dst: Any = None, op: ReduceOp = ReduceOp.SUM,

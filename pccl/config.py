@@ -17,6 +17,10 @@ from typing import Mapping
 from pccl.errors import InvalidUsage
 
 
+#: Fields where 0 is meaningful (it switches the feature off).
+_ZERO_ALLOWED = frozenset({"master_reconnect_timeout"})
+
+
 @dataclass(frozen=True)
 class Config:
     """Timeouts (seconds) and limits shared by the master and the peers."""
@@ -60,6 +64,17 @@ class Config:
     #: Shared secret every connection must prove (HMAC challenge-response); None: no authentication.
     #: Never shown by repr(); set it with ``secret=``, ``PCCL_SECRET`` or ``--secret-file``.
     secret: bytes | None = field(default=None, repr=False)
+    #: After the control connection to the master is lost (the master died or restarted), how
+    #: long the peer keeps re-registering before it raises MasterUnreachable; 0 disables the
+    #: ride-through (the first loss raises MasterUnreachable).
+    master_reconnect_timeout: float = 60.0
+    #: Delay before the first re-registration attempt; it doubles after each failed attempt...
+    master_reconnect_backoff: float = 0.1
+    #: ...up to this cap.
+    master_reconnect_backoff_max: float = 2.0
+    #: After re-registering with a restarted master, how long a peer waits for the other members
+    #: of its former group to re-register before the group goes on without them.
+    master_regroup_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if self.secret is not None:
@@ -68,6 +83,8 @@ class Config:
             if f.name == "secret":
                 continue
             v = getattr(self, f.name)
+            if f.name in _ZERO_ALLOWED and type(v) in (int, float) and v == 0:
+                continue
             if f.type in ("int", int):
                 if type(v) is not int or v <= 0:
                     raise InvalidUsage(f"config {f.name} must be a positive int, got {v!r}")
@@ -75,6 +92,8 @@ class Config:
                 raise InvalidUsage(f"config {f.name} must be a positive finite number, got {v!r}")
         if self.peer_timeout <= self.heartbeat_interval:
             raise InvalidUsage("config peer_timeout must be larger than heartbeat_interval")
+        if self.master_reconnect_backoff_max < self.master_reconnect_backoff:
+            raise InvalidUsage("config master_reconnect_backoff_max must be at least master_reconnect_backoff")
 
     def replace(self, **changes: object) -> "Config":
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -25,12 +25,22 @@ class Aborted(PcclError):
     """
 
 
+class MasterLost(Aborted):
+    """The control connection to the master broke (it died or restarted) while this call ran.
+
+    Retryable (a subclass of :class:`Aborted`): the operation was aborted on this peer and its
+    input restored; the peer re-registers in the background. ``update_topology()`` waits for the
+    reconnection and re-forms the group; then retry. When no master answers within
+    ``Config.master_reconnect_timeout``, calls raise :class:`MasterUnreachable` instead.
+    """
+
+
 class PcclTimeout(PcclError, TimeoutError):
     """A deadline passed before the operation could finish."""
 
 
 class MasterUnreachable(PcclError):
-    """The master did not answer within the configured timeout (it died or the network is cut)."""
+    """No master answered within the reconnect window (it died for good or the network is cut)."""
 
 
 class Kicked(PcclError):
@@ -51,7 +61,8 @@ class InvalidUsage(PcclError):
     """Wrong call order, or arguments that disagree across peers (count, dtype, op)."""
 
 
-#: Errors after which ``update_topology()`` and a retry of the same call is the right move.
+#: Errors after which ``update_topology()`` and a retry of the same call is the right move
+#: (MasterLost is an Aborted).
 RETRYABLE = (PeerFailure, Aborted)
 
 # Names used on the wire for errors the master reports to peers (see transports.messages).

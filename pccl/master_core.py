@@ -9,7 +9,9 @@ How it works
    has voted ``update_topology`` (vacuously true when there is none, so the first peer is admitted
    at once). A commit builds the new world: live accepted peers in ring order, then the pending
    ones in join order; dead peers are dropped; the world revision goes up by one. The accepted
-   set changes only at a commit.
+   set changes only at a commit. A vote with ``admit=False`` (a retry inside a step) keeps pending
+   peers pending, except those registered with ``rejoin`` (members of a group re-forming after a
+   master restart: this master has no memory of them, but they are no newcomers).
 3. A peer that dies (heartbeat timeout, transport disconnect, protocol violation) or leaves is
    marked dead at once: every open op it takes part in is aborted, its group is marked *dirty*
    (the ring has a hole and links may hold stale bytes) and it stops counting as a voter. A dirty
@@ -81,6 +83,7 @@ class PeerRec:
     hold_pending: bool = False  # voted with admit=False
     last_seen: float = 0.0
     state_revision: int | None = None  # shared-state revision of its last sync
+    rejoin: bool = False  # re-registered after a master restart: admitted even by admit=False votes
 
 
 @dataclass
@@ -169,8 +172,9 @@ class MasterCore:
         elif isinstance(msg, m.Leave):
             self._kill(peer, f"peer {pid} left", now, out, notify=False)
         elif isinstance(msg, m.PendingQuery):
-            pending = any(p.alive and not p.accepted for p in self.peers.values())
-            self._send(out, conn, m.PendingReply(req=msg.req, pending=pending), now)
+            waiting = [p for p in self.peers.values() if p.alive and not p.accepted]
+            self._send(out, conn, m.PendingReply(req=msg.req, pending=bool(waiting),
+                                                 rejoin=any(p.rejoin for p in waiting)), now)
         elif isinstance(msg, m.VoteTopology):
             self._vote(peer, msg.optimize, msg.admit, now, out)
         elif isinstance(msg, m.Announce):
@@ -286,11 +290,12 @@ class MasterCore:
         pid = self.next_id
         self.next_id += 1
         peer = PeerRec(pid, conn, msg.group, msg.data_host, msg.data_port, msg.locality, msg.name,
-                       last_seen=now)
+                       last_seen=now, rejoin=msg.rejoin)
         self.peers[pid] = peer
         self.by_conn[conn] = pid
         self._send(out, conn, m.Registered(peer_id=pid, accepted=False), now)
-        log.info("peer %d registered (group %d, %s:%d, pending)", pid, msg.group, msg.data_host, msg.data_port)
+        log.info("peer %d registered (group %d, %s:%d, pending%s)", pid, msg.group, msg.data_host, msg.data_port,
+                 ", re-joining after a master restart" if msg.rejoin else "")
         self._maybe_commit(now, out)
 
     def _kill(self, peer: PeerRec, reason: str, now: float, out: list[Send], notify: bool) -> None:
@@ -367,7 +372,9 @@ class MasterCore:
         elif not pending:
             return
         if any(p.hold_pending for p in voters):
-            pending = []  # a retry inside a step: drop the dead, admit newcomers at the next update
+            # A retry inside a step: drop the dead, admit newcomers at the next update; peers that
+            # were members before a master restart are no newcomers (their group is re-forming).
+            pending = [p for p in pending if p.rejoin]
         # Commit: survivors keep their ring order (re-ordered by the last measurement when there
         # was one), newcomers join in registration order.
         for pid in [p for p in self.ring if not self.peers[p].alive]:

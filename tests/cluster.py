@@ -5,6 +5,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,3 +101,72 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 pass
         self.master.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MasterProcess:
+    """``pccl master`` in its own process (so a test can SIGKILL it), on a fixed port."""
+
+    def __init__(self, port: int, env: dict) -> None:
+        self.port = port
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from pccl.cli import main; sys.exit(main())", "master",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        assert self.popen.stdout is not None
+        lines = []
+        for _ in range(50):  # bounded: the process prints it or exits (EOF)
+            lines.append(self.popen.stdout.readline())
+            if "listening" in lines[-1] or not lines[-1]:
+                break
+        assert "listening" in lines[-1], f"the master did not start: {lines!r}"
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for _ in self.popen.stdout:
+            pass
+
+    def kill(self) -> float:
+        t = time.time()
+        self.popen.kill()
+        self.popen.wait(10)
+        return t
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+
+
+class ProcessCluster(Cluster):
+    """Like :class:`Cluster`, with the master in a separate process that can be killed and restarted
+    on the same port."""
+
+    def __init__(self, **config) -> None:
+        self.config = pccl.Config.from_env(**config)
+        self.port = free_port()
+        self.env = dict(os.environ, PCCL_MASTER=f"127.0.0.1:{self.port}", PYTHONUNBUFFERED="1")
+        for k, v in config.items():
+            self.env["PCCL_" + k.upper()] = str(v)
+        self.peers = []
+        self.masters = [MasterProcess(self.port, self.env)]
+
+    def restart_master(self) -> None:
+        self.masters.append(MasterProcess(self.port, self.env))
+
+    def close(self) -> None:
+        for mp in self.masters:
+            mp.close()
+        self.master = _NoMaster()
+        super().close()
+
+
+class _NoMaster:
+    def close(self) -> None:
+        pass

@@ -230,3 +230,102 @@ def test_a_crash_of_the_master_loop_is_raised_not_only_logged():
     with pytest.raises(RuntimeError, match="crashed"):
         master.status()
     master.close()  # the error was raised once; closing still works
+
+
+# ----------------------------------------------------------------------------- master restart
+RIDE = pccl.Config(master_timeout=3.0, master_reconnect_timeout=30.0, master_reconnect_backoff=0.05,
+                   master_reconnect_backoff_max=0.5, master_regroup_timeout=10.0)
+
+
+def test_a_pair_rides_through_a_master_restart_on_the_same_port():
+    m1 = pccl.Master("127.0.0.1", 0, config=RIDE).start()
+    host, port = m1.address.rsplit(":", 1)
+    a = pccl.Communicator(m1.address, timeouts=RIDE).connect()
+    b = pccl.Communicator(m1.address, timeouts=RIDE)
+    t = threading.Thread(target=b.connect)
+    t.start()
+    while not a.are_peers_pending():
+        time.sleep(0.01)
+    a.update_topology()
+    t.join(30)
+    m2 = None
+    try:
+        x = np.full(1000, 1.0, np.float32)
+        out, err = both(lambda: a.all_reduce(x.copy()), lambda: b.all_reduce(x.copy()))
+        assert err == [None, None]
+        m1.close()
+        with pytest.raises(pccl.MasterLost):  # a collective while reconnecting fails at once, retryable
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                a.all_reduce(x.copy())
+                time.sleep(0.02)
+        assert isinstance(pccl.MasterLost("x"), pccl.RETRYABLE)
+        m2 = pccl.Master(host, int(port), config=RIDE).start()  # no state, same port
+
+        def step(c):
+            buf = np.full(1000, 1.0 + (c is b), np.float32)
+            for _ in range(10):
+                try:
+                    return c.all_reduce(buf), buf
+                except pccl.RETRYABLE:
+                    c.update_topology()
+            raise AssertionError("no success after 10 attempts")
+
+        out, err = both(lambda: step(a), lambda: step(b))
+        assert err == [None, None], err
+        for info, buf in out:
+            assert info.world_size == 2 and np.all(buf == 3.0)
+        assert a.world_size == b.world_size == 2 and set(a.topology) == set(b.topology)
+        assert len(m2.core.live_members()) == 2
+    finally:
+        a.close()
+        b.close()
+        if m2 is not None:
+            m2.close()
+
+
+def test_kicked_is_final_and_a_refusing_master_says_so():
+    import zmq
+
+    from pccl.transports import messages as msgs
+
+    m1 = pccl.Master("127.0.0.1", 0, config=RIDE).start()
+    host, port = m1.address.rsplit(":", 1)
+    c = pccl.Communicator(m1.address, timeouts=RIDE).connect()
+    c._send(msgs.Registered(peer_id=1, accepted=True))  # peers may not send this: the master kicks
+    with pytest.raises(pccl.Kicked, match="removed this peer"):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            c.are_peers_pending()
+            time.sleep(0.05)
+    time.sleep(0.5)
+    with pytest.raises(pccl.Kicked):
+        c.update_topology()
+    assert m1.core.live_members() == [] and not any(p.alive for p in m1.core.peers.values())  # no silent return
+    c.close()
+
+    # A master that is reachable but refuses every registration (here: kicks everything).
+    d = pccl.Communicator(m1.address, timeouts=RIDE).connect()
+    m1.close()
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.bind(f"tcp://{host}:{port}")
+    try:
+        end = time.monotonic() + 30
+        err = None
+        while err is None and time.monotonic() < end:
+            if fake.poll(100):
+                ident, _ = fake.recv_multipart()
+                fake.send_multipart([ident, msgs.encode(msgs.Kicked(reason="not today"))])
+            try:
+                d.are_peers_pending(timeout=0.1)
+            except pccl.MasterLost:
+                pass
+            except pccl.PcclError as exc:
+                err = exc
+        assert isinstance(err, pccl.Kicked) and "refused" in str(err) and "not today" in str(err), err
+    finally:
+        d.close()
+        fake.close(0)
+        ctx.term()

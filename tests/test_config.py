@@ -153,3 +153,16 @@ def test_int_fields_refuse_floats(name):
         Config(**{name: float(getattr(Config(), name))})
     with pytest.raises(InvalidUsage):
         Config(**{name: float(getattr(Config(), name)) + 0.5})
+
+
+def test_master_restart_knobs():
+    c = Config()
+    assert (c.master_reconnect_timeout, c.master_reconnect_backoff, c.master_reconnect_backoff_max,
+            c.master_regroup_timeout) == (60.0, 0.1, 2.0, 15.0)
+    assert Config.from_env({"PCCL_MASTER_RECONNECT_TIMEOUT": "0"}).master_reconnect_timeout == 0.0  # ride-through off
+    with pytest.raises(InvalidUsage):
+        Config(master_reconnect_timeout=-1.0)
+    with pytest.raises(InvalidUsage):
+        Config(master_regroup_timeout=0.0)  # only the reconnect window may be 0
+    with pytest.raises(InvalidUsage):
+        Config(master_reconnect_backoff=3.0)  # above the cap

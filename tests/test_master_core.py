@@ -174,6 +174,32 @@ def test_pending_query_answers_every_registered_peer():
     assert to(h.send("a", m.PendingQuery(req=9)), "a") == [m.PendingReply(req=9, pending=True)]
 
 
+def test_a_restarted_master_admits_rejoining_peers_even_on_admit_false_votes_but_not_newcomers():
+    """After a master restart the old group's peers register again with ``rejoin``: the first is
+    accepted alone; its admit=False votes (a retry inside a training step) let the other
+    re-joining peers in and keep a genuine newcomer pending until an ordinary update."""
+    h = H()
+
+    def register(conn: str, rejoin: bool) -> None:
+        out = h.send(conn, m.Register(group=0, data_host="10.0.0.1", data_port=2000 + len(h.pid), locality="here",
+                                      name=conn, rejoin=rejoin))
+        h.pid[conn] = to(out, conn, m.Topology)[0].peer_id
+
+    register("a", True)
+    assert h.core.ring == [h.pid["a"]]  # accepted alone at once, like any first peer
+    register("new", False)
+    assert to(h.send("a", m.PendingQuery(req=1)), "a") == [m.PendingReply(req=1, pending=True, rejoin=False)]
+    register("b", True)
+    assert to(h.send("a", m.PendingQuery(req=2)), "a") == [m.PendingReply(req=2, pending=True, rejoin=True)]
+    out = h.send("a", m.VoteTopology(optimize=False, admit=False))
+    topo = of(out, m.Topology)[0].msg
+    assert [x.peer_id for x in topo.members] == [h.pid["a"], h.pid["b"]]
+    assert sorted(s.conn for s in of(out, m.Topology)) == ["a", "b"]
+    assert to(h.send("b", m.PendingQuery(req=3)), "b") == [m.PendingReply(req=3, pending=True, rejoin=False)]
+    out = h.vote_all("a", "b")  # an ordinary update admits the newcomer
+    assert [x.peer_id for x in of(out, m.Topology)[0].msg.members] == [h.pid["a"], h.pid["b"], h.pid["new"]]
+
+
 def test_status_query_is_answered_even_for_unknown_connections():
     h = H()
     h.world("a", "b")

@@ -277,6 +277,29 @@ def test_reduce_retries_refill_and_are_bounded():
         rs.reduce_avg(Flaky(10), bufs, fill, pccl.Quantization.NONE, RetryPolicy(attempts=3))
 
 
+class MasterRestarts(Flaky):
+    """The master is lost ``fail`` times (MasterLost), then the reduce works."""
+
+    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0):
+        self.calls += 1
+        if self.calls <= self.fail:
+            tensors[0].mul_(0.5)
+            raise pccl.MasterLost("lost the control connection to the master")
+        return [pccl.ReduceInfo(2, 8, 8, 0.0) for _ in tensors]
+
+
+def test_master_losses_are_retried_after_update_topology_without_spending_attempts():
+    bufs = [torch.zeros(4), torch.zeros(3)]
+    fill = lambda: [b.fill_(1.0) for b in bufs]  # noqa: E731
+    assert issubclass(pccl.MasterLost, pccl.RETRYABLE)
+    comm = MasterRestarts(4)
+    res = rs.reduce_avg(comm, bufs, fill, pccl.Quantization.NONE, RetryPolicy(attempts=2))
+    assert res.attempts == 5 and comm.updates == [False] * 4
+    assert all(torch.equal(b, torch.ones_like(b)) for b in bufs)
+    with pytest.raises(pccl.MasterLost):  # still bounded, by the policy's seconds
+        rs.reduce_avg(MasterRestarts(10**6), bufs, fill, pccl.Quantization.NONE, RetryPolicy(attempts=2, seconds=0.05))
+
+
 class MixedWorlds(Flaky):
     """all_reduce_many's own retry reduced the first tensor over 4 peers and the rest over 3."""
 

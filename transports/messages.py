@@ -118,11 +118,15 @@ class AuthFailed:
 # --------------------------------------------------------------------------- peer -> master
 @message("register")
 class Register:
+    """``rejoin``: this peer was a member of its group when its master connection was lost (the
+    master restarted); topology votes with ``admit=False`` still admit it."""
+
     group: int
     data_host: str
     data_port: int
     locality: str
     name: str
+    rejoin: bool = False
 
 
 @message("heartbeat")
@@ -224,8 +228,11 @@ class Registered:
 
 @message("pending_reply")
 class PendingReply:
+    """``rejoin``: some pending peer is re-joining after a master restart."""
+
     req: int
     pending: bool
+    rejoin: bool = False
 
 
 @message("topology")

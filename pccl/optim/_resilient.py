@@ -14,7 +14,9 @@ How it works
    from its source by ``fill()`` and the whole list is reduced again over one world, so the
    result is the mean over one membership on every survivor (ALGORITHMS §7 T6).
 3. Every loop is bounded by ``RetryPolicy.attempts`` and ``RetryPolicy.seconds``; the last error
-   is raised when either is spent. ``InvalidUsage`` (e.g. a quantization the group cannot do, or
+   is raised when either is spent. A master restart (``MasterLost``, retryable) does not count
+   against ``attempts``: the retry's ``update_topology()`` waits for the reconnection and re-forms
+   the group, and the communicator's own reconnect window bounds it (then MasterUnreachable). ``InvalidUsage`` (e.g. a quantization the group cannot do, or
    mismatched shapes across peers) is a configuration error and propagates at once.
 4. ``Background`` runs ``reduce_avg`` on an owned thread (async DiLoCo, streaming overlap); its
    ``wait()`` re-raises the thread's exception in the caller.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from pccl.enums import Quantization, ReduceOp, SyncStrategy
-from pccl.errors import RETRYABLE, PcclTimeout
+from pccl.errors import RETRYABLE, MasterLost, PcclTimeout
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,17 @@ class _Budget:
         self.policy, self.what = policy, what
         self.start = time.monotonic()
         self.attempt = 0
+        self.master_losses = 0  # retries after MasterLost: bounded by seconds, not by attempts
 
     def next(self, error: BaseException | None) -> None:
         """Count one more attempt; raise ``error`` when the budget is spent."""
         self.attempt += 1
         if self.attempt == 1:
             return
+        if isinstance(error, MasterLost):
+            self.master_losses += 1
         spent = time.monotonic() - self.start
-        if self.attempt > self.policy.attempts or spent > self.policy.seconds:
+        if self.attempt - self.master_losses > self.policy.attempts or spent > self.policy.seconds:
             log.warning("%s: giving up after %d attempts in %.1f s: %s", self.what, self.attempt - 1, spent, error)
             if error is None:
                 raise PcclTimeout(f"{self.what}: retry budget spent")
