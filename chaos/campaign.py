@@ -71,6 +71,9 @@ class Options:
     sync_every: int = 10
     log_dir: str | None = None
     quiet: bool = False
+    #: keep one pre-started peer per cell (imports, data and model done, waiting on stdin) to replace
+    #: a killed peer: measures pccl's recovery without the process start-up cost
+    warm_spares: bool = False
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Slot:
     terminating: bool = False
     last_line: float = 0.0
     silent_reported: bool = False
+    started: bool = False    # has printed its first record (start-up, e.g. import torch, is not a hang)
     expires: float = 0.0     # join-storm: when to SIGTERM
     linkfault: tuple | None = None
 
@@ -126,7 +130,7 @@ class Campaign:
         self.log_dir = Path(opts.log_dir or tempfile.mkdtemp(prefix="pccl-chaos-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.events: list[dict] = []
-        self.q: queue.Queue[tuple[int, int, dict | None]] = queue.Queue()
+        self.q: queue.Queue[tuple[int, dict]] = queue.Queue()
         self.cells: list[Cell] = []
         self.slots: list[Slot] = []
         self.hosts = None
@@ -139,6 +143,11 @@ class Campaign:
         self.unexpected_exits = 0
         self.closed = False
         self.t_fault = 0.0
+        self.bind: dict[int, tuple[int, int]] = {}  # pid -> (slot index, generation)
+        self.spares: dict[int, subprocess.Popen] = {}  # cell index -> a warm spare
+        self.spare_ready: set[int] = set()
+        self.spare_serial = 0
+        self.spare_procs: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ small helpers
     def say(self, text: str) -> None:
@@ -198,26 +207,52 @@ class Campaign:
         cell.master_up = False
 
     # ------------------------------------------------------------------ peers
+    def command(self, cell: Cell, slot_arg: int, spare: bool) -> list[str]:
+        o = self.o
+        cmd = [sys.executable, "-m", "chaos.workload", "--workload", cell.workload, "--slot", str(slot_arg),
+               "--seed", str(o.seed), "--slack", str(o.slack), "--elems", str(o.elems),
+               "--ops-per-sync", str(o.ops_per_sync), "--sync-every", str(o.sync_every)]
+        return cmd + (["--spare"] if spare else [])
+
     def spawn(self, slot: Slot) -> None:
         cell = slot.cell
         if not any(s.alive() for s in self.slots if s.cell is cell and s is not slot):
             if any(e.get("cell") == cell.index and e.get("ev") in ("op", "step", "sync") for e in self.events):
                 cell.epoch += 1  # the cell lost every peer: a new lineage starts
                 Path(cell.epoch_file).write_text(str(cell.epoch))
-        o = self.o
-        cmd = [sys.executable, "-m", "chaos.workload", "--workload", cell.workload, "--slot", str(slot.index),
-               "--seed", str(o.seed), "--slack", str(o.slack), "--elems", str(o.elems),
-               "--ops-per-sync", str(o.ops_per_sync), "--sync-every", str(o.sync_every)]
-        if self.hosts is not None and slot.host:
-            cmd = self.hosts.argv(slot.host, cmd)
         slot.generation += 1
-        slot.proc = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
-                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO)
-        slot.joined = slot.stopped = slot.terminating = slot.silent_reported = False
+        spare = self.spares.pop(cell.index, None) if not slot.extra else None
+        if spare is not None and spare.poll() is None:
+            self.bind[spare.pid] = (slot.index, slot.generation)
+            assert spare.stdin is not None
+            spare.stdin.write(f"{slot.index}\n")
+            spare.stdin.flush()
+            slot.proc = spare
+            self.start_spare(cell)
+        else:
+            cmd = self.command(cell, slot.index, spare=False)
+            if self.hosts is not None and slot.host:
+                cmd = self.hosts.argv(slot.host, cmd)
+            slot.proc = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
+                                         stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO)
+            self.bind[slot.proc.pid] = (slot.index, slot.generation)
+            threading.Thread(target=self._read, args=(slot.proc,), daemon=True).start()
+        slot.joined = slot.stopped = slot.terminating = slot.silent_reported = slot.started = False
         slot.last_line = time.monotonic()
-        threading.Thread(target=self._read, args=(slot.index, slot.generation, slot.proc), daemon=True).start()
 
-    def _read(self, index: int, gen: int, proc: subprocess.Popen) -> None:
+    def start_spare(self, cell: Cell) -> None:
+        """A peer process that did its imports and set-up and waits on stdin for its slot."""
+        if not self.o.warm_spares or self.closed:
+            return
+        self.spare_serial += 1
+        cmd = self.command(cell, 1000 + self.spare_serial, spare=True)
+        p = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
+                             stdin=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO)
+        self.spares[cell.index] = p
+        self.spare_procs.append(p)
+        threading.Thread(target=self._read, args=(p,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             try:
@@ -225,25 +260,28 @@ class Campaign:
             except ValueError:
                 continue
             if isinstance(ev, dict):
-                self.q.put((index, gen, ev))
-        self.q.put((index, gen, None))
+                self.q.put((proc.pid, ev))
 
     def drain(self, timeout: float) -> None:
         end = time.monotonic() + timeout
         while True:
             try:
-                index, gen, ev = self.q.get(timeout=max(0.0, end - time.monotonic()))
+                pid, ev = self.q.get(timeout=max(0.0, end - time.monotonic()))
             except queue.Empty:
                 return
-            slot = self.slots[index]
-            if ev is None:
+            if pid not in self.bind:  # a warm spare not yet in a slot
+                if ev.get("ev") == "spare_ready":
+                    self.spare_ready.add(pid)
                 continue
+            index, gen = self.bind[pid]
+            slot = self.slots[index]
             ev["cell"], ev["slot"], ev["gen"], ev["rt"] = slot.cell.index, index, gen, time.time()
             self.events.append(ev)
             self.events_file.write(json.dumps(ev) + "\n")
             if gen == slot.generation:
                 slot.last_line = time.monotonic()
                 slot.silent_reported = False
+                slot.started = True
                 if ev.get("ev") in ("joined", "op", "step", "sync", "outer"):
                     slot.joined = True
                 elif ev.get("ev") == "lost":
@@ -261,6 +299,8 @@ class Campaign:
     def setup(self) -> None:
         o = self.o
         kinds = {f.kind for f in self.faults}
+        if o.warm_spares and (o.netns or kinds & set(schedule.NETNS_KINDS)):
+            raise CampaignError("--warm-spares works on loopback only (a spare would have to be in the victim's namespace)")
         if o.netns or kinds & set(schedule.NETNS_KINDS):
             why = netfaults.problem(kinds)
             if why:
@@ -305,7 +345,7 @@ class Campaign:
                 mine = [s for s in self.slots if s.cell is cell]
                 full = any(e.get("cell") == cell.index and e.get("world", 0) >= cell.size for e in self.events[-400:])
                 done = done and all(s.joined for s in mine) and full
-            if done:
+            if done and not self.spares_warming():
                 return time.monotonic() - t0
             if time.monotonic() - t0 > self.o.settle_timeout:
                 raise CampaignError(f"the initial peers did not all join within {self.o.settle_timeout:.0f} s "
@@ -314,6 +354,12 @@ class Campaign:
                 if not s.alive():
                     raise CampaignError(f"peer in slot {s.index} exited during start-up with code "
                                         f"{s.proc.returncode if s.proc else '?'} (see {self.log_dir / 'peers.log'})")
+
+    def spares_warming(self) -> bool:
+        if self.o.warm_spares and not self.spares:
+            for cell in self.cells:
+                self.start_spare(cell)
+        return any(p.pid not in self.spare_ready and p.poll() is None for p in self.spares.values())
 
     # ------------------------------------------------------------------ faults
     def eligible(self, cell: Cell | None = None) -> list[Slot]:
@@ -428,7 +474,7 @@ class Campaign:
                 self.say(f"  slot {s.index} exited with code {code}; respawning")
                 self.spawn(s)
                 continue
-            if s.stopped:
+            if s.stopped or not s.started:
                 continue
             if time.monotonic() - s.last_line > self.o.silence_limit and not s.silent_reported:
                 s.silent_reported = True
@@ -496,19 +542,19 @@ class Campaign:
         if self.closed:
             return
         self.closed = True
-        for s in self.slots:
-            if s.proc is not None and s.proc.poll() is None:
+        procs = [s.proc for s in self.slots if s.proc is not None] + self.spare_procs
+        for p in procs:
+            if p.poll() is None:
                 for sig in (signal.SIGCONT, signal.SIGKILL):
                     try:
-                        os.killpg(s.proc.pid, sig)
+                        os.killpg(p.pid, sig)
                     except ProcessLookupError:
                         pass
-        for s in self.slots:
-            if s.proc is not None:
-                try:
-                    s.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         for cell in self.cells:
             self.kill_master(cell)
         if self.hosts is not None:
@@ -543,6 +589,8 @@ class Campaign:
             "lost_to_master_restart": lost_master,
             "unexpected_exits": self.unexpected_exits,
             "log_dir": str(self.log_dir),
+            "warm_spares": o.warm_spares,
+            "replacement_seconds": replacement_times(self.events),
         }
         violations = []
         if s["mismatches"]:
@@ -584,6 +632,22 @@ def detection(events: list[dict]) -> dict:
 
     return {"kill_to_first_failure": stats(out["kill"]), "stop_to_first_failure": stats(out["stop"]),
             "revived_peer_told": told}
+
+
+def replacement_times(events: list[dict]) -> dict:
+    """Per cell: seconds from each SIGKILL to the replacement's first record (process start) and to its
+    admission (``joined``)."""
+    out: dict[str, dict] = {}
+    for f in (e for e in events if e.get("ev") == "fault" and e.get("kind") == "kill"):
+        later = [e for e in events if e.get("slot") == f["slot"] and e["t"] > f["t"]]
+        start = next((e["t"] - f["t"] for e in later if e.get("ev") == "start"), None)
+        joined = next((e["t"] - f["t"] for e in later if e.get("ev") == "joined"), None)
+        d = out.setdefault(str(f["cell"]), {"start": [], "joined": []})
+        if start is not None:
+            d["start"].append(round(start, 1))
+        if joined is not None:
+            d["joined"].append(round(joined, 1))
+    return out
 
 
 def run_campaign(opts: Options, baseline: bool = False) -> dict:

@@ -35,7 +35,7 @@ def _key(ev: dict) -> tuple:
     return (ev.get("cell", 0), *ev["key"])
 
 
-def check(events: Iterable[dict], slack: float = 10.0, min_loss_steps: int = 20) -> dict:
+def check(events: Iterable[dict], slack: float = 10.0, min_loss_steps: int = 10) -> dict:
     """Summarize a campaign's records and count violations of the invariants (module docstring)."""
     digests: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     outers: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))

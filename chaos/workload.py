@@ -127,9 +127,22 @@ class Peer:
 
     def _on_term(self, *_: object) -> None:
         self.stop.set()
-        if self.phase == "connect":  # nothing to leave yet; connect() would wait for admission
+        if self.phase in ("connect", "spare"):  # nothing to leave yet; connect() waits for admission
             self.out("exit", peer=None, reason="terminated while joining")
             os._exit(0)
+
+    def wait_for_slot(self) -> None:
+        """A warm spare: everything is set up; block until the controller names our slot."""
+        if not self.args.spare:
+            return
+        self.phase = "spare"
+        self.out("spare_ready", peer=None)
+        line = sys.stdin.readline()
+        if not line.strip().isdigit():
+            self.out("exit", peer=None, reason="spare released")
+            os._exit(0)
+        self.out.slot = int(line)
+        self.phase = "run"
 
     # ------------------------------------------------------------------ membership
     def connect(self):
@@ -214,6 +227,7 @@ class Peer:
         revision = 0  # a rejoining peer keeps its (stale) state and revision: it must lose the election
         op_deadline = cfg.op_timeout + cfg.peer_timeout
         sync_deadline = 2 * cfg.op_timeout + cfg.peer_timeout
+        self.wait_for_slot()
         while not self.stop.is_set():
             comm = self.connect()
             if comm is None:
@@ -288,6 +302,7 @@ class Peer:
         retry = RetryPolicy(attempts=30, seconds=a.retry_seconds)
         step_deadline = retry.seconds + 2 * cfg.op_timeout + cfg.topology_timeout + cfg.peer_timeout
         opt = None
+        self.wait_for_slot()
         while not self.stop.is_set():
             if opt is not None:  # rejoining: start from the last global parameters this peer agreed on
                 with torch.no_grad():
@@ -377,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--retry-seconds", type=float, default=60.0)
+    p.add_argument("--spare", action="store_true", help="set up, then wait for a slot number on stdin")
     p.add_argument("--exit-on-lost", action="store_true", help="exit after Kicked/MasterUnreachable instead of rejoining")
     args = p.parse_args(argv)
     if args.workload == "diloco":
