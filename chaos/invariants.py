@@ -29,6 +29,7 @@ from typing import Iterable
 
 CLEAR_ERRORS = ("Kicked", "MasterUnreachable")
 TIMED = ("op", "sync", "fail", "call", "step")
+COLLECTIVE_CALLS = ("all_reduce", "sync", "DiLoCo")  # failed calls that count as aborted collectives
 
 
 def _key(ev: dict) -> tuple:
@@ -63,8 +64,8 @@ def check(events: Iterable[dict], slack: float = 10.0, min_loss_steps: int = 10)
             steps += int(ev.get("n", 1))
             if "loss" in ev:
                 losses[ev.get("cell", 0)].append((ev.get("t", 0.0), ev.get("gstep", 0), float(ev["loss"])))
-        elif kind == "fail":
-            aborted += 1 + int(ev.get("extra_attempts", 0))
+        elif kind == "fail" and ev.get("what") in COLLECTIVE_CALLS:
+            aborted += 1
         elif kind == "hang":
             hangs.append(f"{who}: {ev.get('what', '?')} still running after {ev.get('seconds', 0):.1f} s "
                          f"(deadline {ev.get('deadline', 0):.1f} s)")
