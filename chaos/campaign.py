@@ -64,7 +64,7 @@ class Options:
     expect_ride_through: bool = False
     knobs: schedule.Knobs = field(default_factory=schedule.Knobs)
     slack: float = 10.0
-    settle_timeout: float = 180.0
+    settle_timeout: float = 600.0
     silence_limit: float = 60.0
     elems: int = 1 << 18
     ops_per_sync: int = 4

@@ -115,6 +115,24 @@ def test_checker_loss_must_fall_and_rates():
     assert invariants.throughput_kept({"a": 9.0}, {"a": 10.0, "b": 1.0}) == {"a": 0.9, "b": 0.0}
 
 
+def test_report_renders_json_reports(tmp_path):
+    r = {"scenario": "kill-loop", "peers": 6, "duration": 120.0, "seed": 1, "faults_injected": {"kill": 11},
+         "faults_skipped": 0, "peer_steps": 1070, "syncs_completed": 475, "collectives_completed": 1793,
+         "collectives_aborted": 16, "mismatches": 0, "hangs": 0, "loss": {"1": {"first": 2.1, "last": 0.4}},
+         "throughput_kept": {"allreduce/0": 0.93, "diloco/1": 0.6}, "ok": True, "command": "python -m chaos run"}
+    bad = dict(r, scenario="mix", mismatches=2, ok=False, violations=["2 mismatches"])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([r, bad]))
+    md = report.markdown(report.load([str(path)]))
+    lines = md.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| scenario |")
+    assert "| kill 11 |" in lines[2] and "allreduce 93%, diloco 60%" in lines[2] and lines[2].endswith("PASS |")
+    assert "FAIL: 2 mismatches" in lines[3]
+    out = subprocess.run([sys.executable, "-m", "chaos", "report", str(path), "--md"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == md
+
+
 # ---------------------------------------------------------------------------------------- campaigns
 def _assert_clean(r: dict) -> None:
     detail = report.details(r)
