@@ -591,6 +591,7 @@ class Campaign:
             "log_dir": str(self.log_dir),
             "warm_spares": o.warm_spares,
             "replacement_seconds": replacement_times(self.events),
+            "stall_seconds": stall_times(self.events),
         }
         violations = []
         if s["mismatches"]:
@@ -632,6 +633,19 @@ def detection(events: list[dict]) -> dict:
 
     return {"kill_to_first_failure": stats(out["kill"]), "stop_to_first_failure": stats(out["stop"]),
             "revived_peer_told": told}
+
+
+def stall_times(events: list[dict]) -> dict:
+    """Per fault kind: seconds from the fault to the next collective completed in the victim's cell
+    (an all-reduce or a DiLoCo outer step by another peer): pccl's own recovery pause, apart from the
+    replacement's start-up."""
+    done = sorted((e["t"], e["cell"], e.get("slot")) for e in events if e.get("ev") in ("op", "step") and "cell" in e)
+    out: dict[str, list[float]] = {}
+    for f in (e for e in events if e.get("ev") == "fault" and e.get("kind") in ("kill", "stop", "partition")):
+        nxt = next((t for t, c, slot in done if c == f["cell"] and slot != f["slot"] and t > f["t"]), None)
+        if nxt is not None:
+            out.setdefault(f["kind"], []).append(round(nxt - f["t"], 2))
+    return {k: {"n": len(v), "median": sorted(v)[len(v) // 2], "max": max(v)} for k, v in out.items()}
 
 
 def replacement_times(events: list[dict]) -> dict:

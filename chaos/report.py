@@ -56,6 +56,7 @@ def details(r: dict) -> str:
     out.append(f"kill → first failure seen by a survivor: {d.get('kill_to_first_failure')}; "
                f"stop → first failure: {d.get('stop_to_first_failure')}; revived peers were told: "
                f"{d.get('revived_peer_told')}")
+    out.append(f"fault → next collective completed in the victim's cell (s): {r.get('stall_seconds')}")
     out.append(f"lost communicators: {r.get('lost')}; lost to a master restart: {r.get('lost_to_master_restart')}; "
                f"unexpected exits: {r.get('unexpected_exits')}; settle {r.get('settle_seconds')} s")
     for k in ("mismatch_examples", "hang_examples", "unclear_examples"):
