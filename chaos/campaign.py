@@ -641,7 +641,7 @@ def stall_times(events: list[dict]) -> dict:
     replacement's start-up."""
     done = sorted((e["t"], e["cell"], e.get("slot")) for e in events if e.get("ev") in ("op", "step") and "cell" in e)
     out: dict[str, list[float]] = {}
-    for f in (e for e in events if e.get("ev") == "fault" and e.get("kind") in ("kill", "stop", "partition")):
+    for f in (e for e in events if e.get("ev") == "fault" and e.get("kind") in ("kill", "stop", "partition", "master")):
         nxt = next((t for t, c, slot in done if c == f["cell"] and slot != f["slot"] and t > f["t"]), None)
         if nxt is not None:
             out.setdefault(f["kind"], []).append(round(nxt - f["t"], 2))
