@@ -21,7 +21,8 @@ How it works
    past ``silence_limit``), ``no_exit`` (a peer that did not exit within its deadline after
    SIGTERM) and ``exited`` records. ``invariants.check`` turns them into the verdict.
 6. Cleanup. Every process is in its own group; ``close()`` (also on Ctrl-C and exceptions)
-   SIGCONTs and SIGKILLs every group, stops the masters and removes the namespaces.
+   SIGCONTs and SIGKILLs every group, stops the masters and removes the namespaces. Children also
+   get PR_SET_PDEATHSIG, so even a SIGKILLed controller leaves no process behind.
 """
 from __future__ import annotations
 
@@ -115,6 +116,16 @@ class Cell:
         return f"{self.host}:{self.port}"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the controller dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -181,7 +192,8 @@ class Campaign:
         Path(cell.epoch_file).write_text(str(cell.epoch))
         cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", cell.host, "--port", str(cell.port)]
         cell.master = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.master_log,
-                                       stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO)
+                                       stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO,
+                                       preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30.0
         line = ""
         ready = threading.Event()
@@ -234,7 +246,8 @@ class Campaign:
             if self.hosts is not None and slot.host:
                 cmd = self.hosts.argv(slot.host, cmd)
             slot.proc = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
-                                         stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO)
+                                         stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO,
+                                         preexec_fn=_die_with_parent)
             self.bind[slot.proc.pid] = (slot.index, slot.generation)
             threading.Thread(target=self._read, args=(slot.proc,), daemon=True).start()
         slot.joined = slot.stopped = slot.terminating = slot.silent_reported = slot.started = False
@@ -247,7 +260,8 @@ class Campaign:
         self.spare_serial += 1
         cmd = self.command(cell, 1000 + self.spare_serial, spare=True)
         p = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
-                             stdin=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO)
+                             stdin=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO,
+                             preexec_fn=_die_with_parent)
         self.spares[cell.index] = p
         self.spare_procs.append(p)
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
