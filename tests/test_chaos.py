@@ -1,0 +1,167 @@
+"""The chaos campaign runner: the schedule is a pure function of the seed, the invariant checker
+catches planted mismatches and hangs, and real campaigns (a 60-second mix in the default suite, a
+10-minute SIGKILL soak marked slow) end with no mismatch and no hang."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chaos import invariants, report, schedule
+from chaos.campaign import Campaign, Options
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("scenario", sorted(schedule.SCENARIOS))
+def test_schedule_is_a_pure_function_of_the_seed(scenario):
+    a = schedule.plan(scenario, 7, 120, 6)
+    assert a == schedule.plan(scenario, 7, 120, 6)
+    assert all(0 < f.at < 120 for f in a)
+    assert [f.at for f in a] == sorted(f.at for f in a)
+    if scenario != "none":
+        assert a and a != schedule.plan(scenario, 8, 120, 6)
+
+
+def test_schedule_is_the_same_in_a_fresh_interpreter():
+    code = ("import json; from chaos import schedule; "
+            "print(json.dumps([f.to_json() for f in schedule.plan('mix', 3, 90, 5, netns=True)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    here = [f.to_json() for f in schedule.plan("mix", 3, 90, 5, netns=True)]
+    assert json.loads(out.stdout) == here
+
+
+def test_schedule_shapes():
+    k = schedule.Knobs()
+    kills = schedule.plan("kill-loop", 1, 120, 6)
+    assert [f.at for f in kills] == [10.0 * i for i in range(1, 12)] and {f.kind for f in kills} == {"kill"}
+    for f in schedule.plan("stop-loop", 2, 200, 4):
+        assert f.kind == "stop" and k.peer_timeout < f.duration <= k.peer_timeout + k.stop_max_extra
+    for f in schedule.plan("join-storm", 2, 200, 4):
+        assert f.kind == "join" and f.count == 4 and f.duration < k.join_every
+    mix = schedule.plan("mix", 5, 2000, 4)
+    assert {f.kind for f in mix} == {"kill", "stop", "join"}
+    assert {f.kind for f in schedule.plan("mix", 5, 2000, 4, netns=True, with_master_restart=True)} == \
+        {"kill", "stop", "join", "slow", "lossy", "partition", "master"}
+    with pytest.raises(ValueError):
+        schedule.plan("nope", 1, 10, 2)
+
+
+# ---------------------------------------------------------------------------------------- invariants
+def _op(peer, key, digest="aa", exact=True, seconds=0.1, deadline=24.0, cell=0):
+    return {"ev": "op", "peer": peer, "key": key, "digest": digest, "exact": exact, "seconds": seconds,
+            "deadline": deadline, "cell": cell, "t": 1.0}
+
+
+def test_checker_passes_a_clean_run():
+    evs = [_op(1, [1, 2, 0]), _op(2, [1, 2, 0]), _op(1, [1, 2, 1], "bb"), _op(2, [1, 2, 1], "bb"),
+           {"ev": "sync", "peer": 1, "key": [1, 5], "hash": "h", "rx": 0, "fresh": False},
+           {"ev": "sync", "peer": 3, "key": [1, 5], "hash": "h", "rx": 999, "fresh": True},
+           {"ev": "lost", "peer": 4, "error": "Kicked"}]
+    s = invariants.check(evs)
+    assert (s["mismatches"], s["hangs"], s["unclear_errors"]) == (0, 0, 0)
+    assert s["allreduces_completed"] == 2 and s["syncs_completed"] == 1 and s["lost"] == {"Kicked": 1}
+
+
+def test_checker_detects_planted_mismatches():
+    # different digests for one collective
+    s = invariants.check([_op(1, [1, 2, 0], "aa"), _op(2, [1, 2, 0], "ab")])
+    assert s["mismatches"] == 1 and "differs" in s["mismatch_examples"][0]
+    # the same digest in two cells is not compared
+    assert invariants.check([_op(1, [1, 2, 0], "aa", cell=0), _op(2, [1, 2, 0], "ab", cell=1)])["mismatches"] == 0
+    # an inexact result
+    s = invariants.check([_op(1, [1, 2, 0], exact=False), _op(2, [1, 2, 0])])
+    assert s["mismatches"] == 1 and "inexact" in s["mismatch_examples"][0]
+    # shared-state hashes that differ, and a veteran that had to download (drift)
+    s = invariants.check([{"ev": "sync", "peer": 1, "key": [1, 5], "hash": "h1", "rx": 0, "fresh": False},
+                          {"ev": "sync", "peer": 2, "key": [1, 5], "hash": "h2", "rx": 0, "fresh": False},
+                          {"ev": "sync", "peer": 3, "key": [1, 6], "hash": "h", "rx": 64, "fresh": False}])
+    assert s["mismatches"] == 2
+    # DiLoCo θ digests that differ
+    s = invariants.check([{"ev": "outer", "peer": 1, "key": [1, 3, 7], "digest": "x"},
+                          {"ev": "outer", "peer": 2, "key": [1, 3, 7], "digest": "y"}])
+    assert s["mismatches"] == 1
+
+
+def test_checker_detects_planted_hangs_and_unclear_errors():
+    s = invariants.check([_op(1, [1, 2, 0], seconds=40.0, deadline=24.0)], slack=10.0)
+    assert s["hangs"] == 1
+    assert invariants.check([_op(1, [1, 2, 0], seconds=33.0, deadline=24.0)], slack=10.0)["hangs"] == 0
+    s = invariants.check([{"ev": "hang", "peer": 1, "what": "all_reduce", "seconds": 50, "deadline": 24},
+                          {"ev": "silent", "slot": 2, "detail": "no record for 60 s"},
+                          {"ev": "no_exit", "slot": 3, "detail": "did not exit"},
+                          {"ev": "fail", "what": "update_topology", "seconds": 99.0, "deadline": 25.0}])
+    assert s["hangs"] == 4
+    s = invariants.check([{"ev": "lost", "peer": 1, "error": "MasterUnreachable"},
+                          {"ev": "lost", "peer": 2, "error": "InvalidUsage", "message": "boom"}])
+    assert s["unclear_errors"] == 1 and s["lost"] == {"MasterUnreachable": 1, "InvalidUsage": 1}
+
+
+def test_checker_loss_must_fall_and_rates():
+    falling = [{"ev": "step", "cell": 1, "t": float(i), "gstep": 10 * i, "n": 10, "loss": 3.0 - i / 50}
+               for i in range(100)]
+    flat = [dict(e, loss=2.0 + (e["gstep"] % 7) / 100) for e in falling]
+    assert invariants.check(falling)["loss_falling"] is True
+    assert invariants.check(flat[:50] + [dict(e, loss=3.0) for e in flat[50:]])["loss_falling"] is False
+    assert invariants.check(falling[:5])["loss_falling"] is False  # too few steps: no evidence of training
+    rates = invariants.work_rate(falling + [_op(1, [1, 2, i]) | {"t": 10.0 + i / 10} for i in range(20)], 0, 100)
+    assert rates == {"diloco/1": pytest.approx(10.0), "allreduce/0": pytest.approx(0.2)}
+    assert invariants.throughput_kept({"a": 9.0}, {"a": 10.0, "b": 1.0}) == {"a": 0.9, "b": 0.0}
+
+
+def test_report_renders_json_reports(tmp_path):
+    r = {"scenario": "kill-loop", "peers": 6, "duration": 120.0, "seed": 1, "faults_injected": {"kill": 11},
+         "faults_skipped": 0, "peer_steps": 1070, "syncs_completed": 475, "collectives_completed": 1793,
+         "collectives_aborted": 16, "mismatches": 0, "hangs": 0, "loss": {"1": {"first": 2.1, "last": 0.4}},
+         "throughput_kept": {"allreduce/0": 0.93, "diloco/1": 0.6}, "ok": True, "command": "python -m chaos run"}
+    bad = dict(r, scenario="mix", mismatches=2, ok=False, violations=["2 mismatches"])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([r, bad]))
+    md = report.markdown(report.load([str(path)]))
+    lines = md.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| scenario |")
+    assert "| kill 11 |" in lines[2] and "allreduce 93%, diloco 60%" in lines[2] and lines[2].endswith("PASS |")
+    assert "FAIL: 2 mismatches" in lines[3]
+    out = subprocess.run([sys.executable, "-m", "chaos", "report", str(path), "--md"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == md
+
+
+# ---------------------------------------------------------------------------------------- campaigns
+def _assert_clean(r: dict) -> None:
+    detail = report.details(r)
+    assert r["mismatches"] == 0, detail
+    assert r["hangs"] == 0, detail
+    assert r["unclear_errors"] == 0, detail
+    assert r["collectives_completed"] > 0, detail
+    assert r["faults_injected_total"] > 0, detail
+
+
+@pytest.mark.timeout(900)  # start-up (python + torch in 4 processes) is slow on a loaded 2-core machine
+def test_mix_campaign_60s(tmp_path):
+    """Kill, stop and join faults among 4 peers (2 raw all-reduce, 2 DiLoCo) for 60 s on loopback."""
+    opts = Options(scenario="mix", peers=4, duration=60.0, seed=11, workload="both", log_dir=str(tmp_path),
+                   quiet=True, slack=20.0)
+    r = Campaign(opts).run()
+    _assert_clean(r)
+    assert r["outer_steps_completed"] > 0 and r["allreduces_completed"] > 0, report.details(r)
+    assert r["loss_falling"] is True, report.details(r)
+    assert r["ok"], report.details(r)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_kill_soak_10_minutes(tmp_path):
+    """6 peers, one SIGKILL every 10 s for 10 minutes: nothing lost, nothing hung."""
+    opts = Options(scenario="kill-loop", peers=6, duration=600.0, seed=5, workload="both", log_dir=str(tmp_path),
+                   quiet=True, slack=20.0)
+    r = Campaign(opts).run()
+    _assert_clean(r)
+    assert r["faults_injected"].get("kill", 0) >= 50, r["faults_injected"]
+    assert r["ok"], report.details(r)
