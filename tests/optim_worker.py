@@ -215,7 +215,7 @@ class FakeComm:
         state.synced_revision = state.revision
         return pccl.SyncInfo(0, 0, state.revision)
 
-    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0):
+    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0, algorithm=None):
         import pccl
 
         g = self.group

@@ -254,7 +254,7 @@ class Flaky:
         self.fail, self.calls, self.updates = fail, 0, []
         self.world_size, self.topology = 2, (0, 1)
 
-    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0):
+    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0, algorithm=None):
         self.calls += 1
         if self.calls <= self.fail:
             tensors[0].mul_(0.5)  # a partial result, as when some tensors committed before a death
@@ -280,7 +280,7 @@ def test_reduce_retries_refill_and_are_bounded():
 class MasterRestarts(Flaky):
     """The master is lost ``fail`` times (MasterLost), then the reduce works."""
 
-    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0):
+    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0, algorithm=None):
         self.calls += 1
         if self.calls <= self.fail:
             tensors[0].mul_(0.5)
@@ -303,7 +303,7 @@ def test_master_losses_are_retried_after_update_topology_without_spending_attemp
 class MixedWorlds(Flaky):
     """all_reduce_many's own retry reduced the first tensor over 4 peers and the rest over 3."""
 
-    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0):
+    def all_reduce_many(self, tensors, op=None, quantization=None, max_in_flight=16, tag_base=0, algorithm=None):
         self.calls += 1
         tensors[0].mul_(0.5)
         first = 4 if self.calls == 1 else 3

@@ -36,7 +36,8 @@ def test_every_codec_is_bit_identical_across_peers_and_accurate(master, world):
                 xs = inputs(world, count, seed=count)
                 ref = np.mean(np.stack([x.astype(np.float64) for x in xs]), 0) if count else np.zeros(0)
                 bufs = [x.copy() for x in xs]
-                outs, errs = together([lambda c=c, b=b: c.all_reduce(b, op=pccl.ReduceOp.AVG, quantization=codec)
+                outs, errs = together([lambda c=c, b=b: c.all_reduce(b, op=pccl.ReduceOp.AVG, quantization=codec,
+                                                                     algorithm=pccl.Algorithm.RING)
                                        for c, b in zip(comms, bufs)])
                 assert errs == [None] * world, (codec, count, errs)
                 assert len({b.tobytes() for b in bufs}) == 1, f"{codec} count {count}: peers differ"

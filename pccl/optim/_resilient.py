@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from pccl.enums import Quantization, ReduceOp, SyncStrategy
+from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
 from pccl.errors import RETRYABLE, MasterLost, PcclTimeout
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,10 @@ def sync(comm: Any, state: Any, policy: RetryPolicy, strategy: SyncStrategy = Sy
 def _reduce_once(comm: Any, tensors: Sequence[Any], quantization: Quantization, tag_base: int) -> list[Any]:
     many = getattr(comm, "all_reduce_many", None)
     if many is not None:
+        # The optimizers' buckets are large and bandwidth-bound: the ring moves the least per peer
+        # (and the byte counts in docs/benchmarks.md are the ring's).
         return list(many(list(tensors), op=ReduceOp.AVG, quantization=quantization, max_in_flight=MAX_IN_FLIGHT,
-                         tag_base=tag_base))
+                         tag_base=tag_base, algorithm=Algorithm.RING))
     # Fallback for communicators without all_reduce_many: a window of async ops, distinct tags.
     # Every started op is waited before anything is raised (no op may outlive this call).
     infos: list[Any] = [None] * len(tensors)
@@ -171,7 +173,7 @@ def _reduce_once(comm: Any, tensors: Sequence[Any], quantization: Quantization, 
             break
         try:
             window.append((i, comm.all_reduce_async(t, op=ReduceOp.AVG, quantization=quantization,
-                                                    tag=tag_base + i % MAX_IN_FLIGHT)))
+                                                    algorithm=Algorithm.RING, tag=tag_base + i % MAX_IN_FLIGHT)))
         except BaseException as exc:  # noqa: BLE001 - as above
             errors.append(exc)
             break
