@@ -383,8 +383,10 @@ class Campaign:
                 continue
             if not s.cell.master_up or (cell is not None and s.cell is not cell):
                 continue
+            # Joiners of a storm (extra slots) leave on their own schedule, so they never count as
+            # the peer that keeps the cell's state alive.
             ready = [x for x in self.slots if x.cell is s.cell and x.alive() and x.joined and not x.stopped
-                     and not x.terminating and not x.linkfault]
+                     and not x.terminating and not x.linkfault and not x.extra]
             if len(ready) >= 2:
                 out.append(s)
         return out
