@@ -53,7 +53,57 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B") if a.size else memoryview(b"")
 
 
-class RingJob:
+class LaneJob:
+    """Book-keeping shared by the jobs: lane programs still running, the first failure, and the
+    waits on them (each bounded). Subclasses set ``seq`` and ``_running`` before submitting."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._cond = threading.Condition()
+        self._running = 0
+        self.failed: BaseException | None = None
+
+    def _lane_done(self, err: BaseException | None) -> None:
+        with self._cond:
+            self._running -= 1
+            if err is not None and self.failed is None:
+                self.failed = err
+            self._cond.notify_all()
+
+    def _wait_lanes(self, deadline: float) -> None:
+        """Block until every lane program finished; raise the first error or PcclTimeout."""
+        with self._cond:
+            while self._running > 0 and self.failed is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
+                self._cond.wait(min(left, 1.0))
+            if self.failed is not None:
+                raise self.failed
+
+    def _mark_failed(self, reason: BaseException) -> None:
+        with self._cond:
+            if self.failed is None:
+                self.failed = reason
+            self._cond.notify_all()
+
+    def _join_lanes(self, timeout: float) -> bool:
+        """Wait until no lane program of this job runs any more (after an abort)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._running > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
+
+
+class RingJob(LaneJob):
     """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
@@ -64,6 +114,7 @@ class RingJob:
         ``restored_by_caller`` (a hierarchical job that backs up the whole buffer itself). A
         ``codec`` other than NONE needs float32 buffers and op SUM or AVG. ``gate()`` runs first in
         every lane program (it blocks until the ring's input is ready, or raises)."""
+        super().__init__()
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
         if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
@@ -78,10 +129,7 @@ class RingJob:
         self.gate = gate
         self.backup = backup if out is inp and plan.world > 1 else None
         self.touched: list[tuple[int, int]] = []
-        self._cond = threading.Condition()
         self._recv_done = [0] * plan.lanes
-        self._running = 0
-        self.failed: BaseException | None = None
         self.tx = [0] * plan.lanes
         self.rx = [0] * plan.lanes
 
@@ -97,41 +145,17 @@ class RingJob:
             self.links.send[k].submit(self._sender(k), self._lane_done)
             self.links.recv[k].submit(self._receiver(k), self._lane_done)
 
-    def _lane_done(self, err: BaseException | None) -> None:
-        with self._cond:
-            self._running -= 1
-            if err is not None and self.failed is None:
-                self.failed = err
-            self._cond.notify_all()
-
     def wait(self, deadline: float) -> None:
         """Block until every lane finished; raise the first lane error or PcclTimeout."""
-        with self._cond:
-            while self._running > 0 and self.failed is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
-                self._cond.wait(min(left, 1.0))
-            if self.failed is not None:
-                raise self.failed
+        self._wait_lanes(deadline)
 
     def abort(self, reason: BaseException) -> None:
-        with self._cond:
-            if self.failed is None:
-                self.failed = reason
-            self._cond.notify_all()
+        self._mark_failed(reason)
         self.links.abort()
 
     def join(self, timeout: float) -> bool:
         """Wait until no lane program of this job runs any more (after ``abort``)."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            while self._running > 0:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return True
+        return self._join_lanes(timeout)
 
     def restore(self) -> None:
         if self.backup is not None:
@@ -146,10 +170,6 @@ class RingJob:
         return sum(self.rx)
 
     # ------------------------------------------------------------------ lane programs
-    def _check(self) -> None:
-        if self.failed is not None:
-            raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
-
     def _sender(self, lane: int):
         plan = self.plan
         pieces = plan.lane_pieces(lane)

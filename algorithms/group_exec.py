@@ -26,16 +26,16 @@ import time
 import numpy as np
 
 from pccl.enums import Quantization, ReduceOp
-from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
+from pccl.errors import PcclTimeout, ProtocolError
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import RingJob, _bytes, send_frame
+from pccl.algorithms.executor import LaneJob, RingJob, _bytes, send_frame
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
 
 
-class GroupJob:
+class GroupJob(LaneJob):
     """One star or hierarchical all-reduce of ``inp`` into ``out`` on the mesh of one revision."""
 
     def __init__(self, plan: GroupPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
@@ -43,6 +43,7 @@ class GroupJob:
                  backup: Backup | None = None, codec: Quantization = Quantization.NONE,
                  pipeline_bytes: int = 4 << 20) -> None:
         """``peers[r]`` is the peer id of rank r. ``backup`` (whole input) is required in place."""
+        super().__init__()
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
         if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
@@ -54,9 +55,6 @@ class GroupJob:
         self.pipeline_bytes = pipeline_bytes
         self.touched: list[tuple[int, int]] = []
         self.encoded: dict[int, np.ndarray] = {}  # the owner's final pieces as sent (quantized)
-        self._cond = threading.Condition()
-        self._running = 0
-        self.failed: BaseException | None = None
         self.tx = self.rx = 0
         self._arrived = [0] * plan.pieces
         self._reduced = 0
@@ -125,44 +123,21 @@ class GroupJob:
         recvs = (len(plan.members) - 1) * plan.lanes if j is not None else 0
         return sends + recvs
 
-    def _lane_done(self, err: BaseException | None) -> None:
-        with self._cond:
-            self._running -= 1
-            if err is not None and self.failed is None:
-                self.failed = err
-            self._cond.notify_all()
-
     def wait(self, deadline: float) -> None:
         """Block until every program (and the column ring) finished; raise the first error or PcclTimeout."""
-        with self._cond:
-            while self._running > 0 and self.failed is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
-                self._cond.wait(min(left, 1.0))
-            if self.failed is not None:
-                raise self.failed
+        self._wait_lanes(deadline)
         if self.plan.owned is not None:
             self._finalize()  # an owner with no other members sends nothing, so finalize here
 
     def abort(self, reason: BaseException) -> None:
-        with self._cond:
-            if self.failed is None:
-                self.failed = reason
-            self._cond.notify_all()
+        self._mark_failed(reason)
         if self.ring is not None:
             self.ring.abort(reason)
         self.mesh.abort()
 
     def join(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
-        with self._cond:
-            while self._running > 0:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return self.ring is None or self.ring.join(max(end - time.monotonic(), 0.0))
+        return self._join_lanes(timeout) and (self.ring is None or self.ring.join(max(end - time.monotonic(), 0.0)))
 
     def restore(self) -> None:
         if self.backup is not None:
@@ -177,10 +152,6 @@ class GroupJob:
         return self.rx + (self.ring.rx_bytes if self.ring else 0)
 
     # ------------------------------------------------------------------ phases
-    def _check(self) -> None:
-        if self.failed is not None:
-            raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
-
     def _gate(self, ready) -> None:
         with self._cond:
             while not ready() and self.failed is None:
