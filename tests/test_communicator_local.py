@@ -23,12 +23,14 @@ def solo(master):
         yield c
 
 
-def pair(master):
-    a = pccl.Communicator(master.address).connect()
-    b = pccl.Communicator(master.address)
+def pair(master, timeouts=None):
+    a = pccl.Communicator(master.address, timeouts=timeouts).connect()
+    b = pccl.Communicator(master.address, timeouts=timeouts)
     t = threading.Thread(target=b.connect)
     t.start()
+    end = time.monotonic() + 30
     while not a.are_peers_pending():
+        assert time.monotonic() < end, "the second peer never registered"
         time.sleep(0.01)
     a.update_topology()
     t.join(30)
@@ -240,14 +242,7 @@ RIDE = pccl.Config(master_timeout=3.0, master_reconnect_timeout=30.0, master_rec
 def test_a_pair_rides_through_a_master_restart_on_the_same_port():
     m1 = pccl.Master("127.0.0.1", 0, config=RIDE).start()
     host, port = m1.address.rsplit(":", 1)
-    a = pccl.Communicator(m1.address, timeouts=RIDE).connect()
-    b = pccl.Communicator(m1.address, timeouts=RIDE)
-    t = threading.Thread(target=b.connect)
-    t.start()
-    while not a.are_peers_pending():
-        time.sleep(0.01)
-    a.update_topology()
-    t.join(30)
+    a, b = pair(m1, RIDE)
     m2 = None
     try:
         x = np.full(1000, 1.0, np.float32)
