@@ -183,6 +183,7 @@ class Communicator:
         self._epoch = 0  # master connections lost so far
         self._registered_epoch = -1  # epoch of the last Registered
         self._admitted = False  # was in a topology once: re-registrations say rejoin
+        self._master_id = 0  # Registered.master of the current (or the lost) master
         self._former: set[tuple[str, int]] = set()  # data addresses of the group to re-form
 
     # ------------------------------------------------------------------ properties
@@ -218,6 +219,7 @@ class Communicator:
                 return
             if isinstance(msg, m.Registered):
                 self._peer_id = msg.peer_id
+                self._master_id = msg.master
                 self._registered_epoch = self._epoch
                 if self._listener is not None:
                     self._listener.peer_id = msg.peer_id
@@ -306,7 +308,8 @@ class Communicator:
         """The registration sent on every new master connection (built by the control thread)."""
         assert self._listener is not None
         return m.Register(group=self.peer_group, data_host=self._data_host, data_port=self._listener.port,
-                          locality=self.locality, name=self.name, rejoin=self._admitted)
+                          locality=self.locality, name=self.name, rejoin=self._admitted,
+                          former_master=self._master_id if self._admitted else 0)
 
     def _commence(self, msg: m.Commence) -> None:
         op = self._ops.get(msg.tag)

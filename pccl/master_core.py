@@ -121,6 +121,9 @@ class MasterCore:
                  nonce_source: Callable[[], bytes] = auth.new_nonce) -> None:
         self.config = config or Config()
         self._nonce_source = nonce_source
+        # this process's incarnation, told to peers in Registered: a peer re-joining "after a
+        # master restart" that names it was in fact removed by this very master (see _register)
+        self.incarnation = int.from_bytes(nonce_source()[:8], "little") & ((1 << 63) - 1) or 1
         # authentication (config.secret set): challenges in flight, and connections that proved
         # the secret (deadline to register; inf once registered), both by conn
         self.challenges: dict[Conn, tuple[auth.Responder, float]] = {}
@@ -285,6 +288,15 @@ class MasterCore:
         self.proven[conn] = now + self.config.connect_timeout
 
     def _register(self, conn: Conn, msg: m.Register, now: float, out: list[Send]) -> None:
+        if msg.rejoin and msg.former_master == self.incarnation:
+            # Not a restart: this master removed the peer (missed heartbeats, e.g. while it was
+            # frozen, or a lost connection) and its group went on. Letting it in as a re-joining
+            # member would put it mid-step into a group at another step; its session is over.
+            log.info("refused a re-registration from %s:%d: this master removed that peer; it did not restart",
+                     msg.data_host, msg.data_port)
+            self._send(out, conn, m.Kicked(reason="this master did not restart: it removed this peer earlier "
+                                                  "(missed heartbeats or a lost connection)"), now)
+            return
         if conn in self.proven:
             self.proven[conn] = float("inf")  # registered: no deadline; forgotten at disconnect
         pid = self.next_id
@@ -293,7 +305,7 @@ class MasterCore:
                        last_seen=now, rejoin=msg.rejoin)
         self.peers[pid] = peer
         self.by_conn[conn] = pid
-        self._send(out, conn, m.Registered(peer_id=pid, accepted=False), now)
+        self._send(out, conn, m.Registered(peer_id=pid, accepted=False, master=self.incarnation), now)
         log.info("peer %d registered (group %d, %s:%d, pending%s)", pid, msg.group, msg.data_host, msg.data_port,
                  ", re-joining after a master restart" if msg.rejoin else "")
         self._maybe_commit(now, out)

@@ -282,6 +282,32 @@ def test_a_pair_rides_through_a_master_restart_on_the_same_port():
             m2.close()
 
 
+def test_a_peer_the_master_removed_cannot_ride_back_in_as_if_the_master_had_restarted():
+    """b takes the master for silent (as a peer does after a freeze longer than master_timeout),
+    drops its connection and re-registers as a re-joining member. The master did not restart: it
+    removed b when the connection dropped, so b ends with Kicked and a goes on alone."""
+    m1 = pccl.Master("127.0.0.1", 0, config=RIDE).start()
+    a, b = pair(m1, RIDE)
+    try:
+        b._control._core.last_heard = -1e9  # the control thread sees "no message for ages" at its next tick
+        err = None
+        end = time.monotonic() + 20
+        while err is None and time.monotonic() < end:
+            try:
+                b.update_topology(timeout=0.5)
+            except pccl.MasterLost:
+                time.sleep(0.05)
+            except pccl.PcclError as exc:
+                err = exc
+        assert isinstance(err, pccl.Kicked) and "did not restart" in str(err), err
+        a.update_topology()
+        assert a.world_size == 1 and len(m1.core.live_members()) == 1
+    finally:
+        a.close()
+        b.close()
+        m1.close()
+
+
 def test_kicked_is_final_and_a_refusing_master_says_so():
     import zmq
 

@@ -200,6 +200,27 @@ def test_a_restarted_master_admits_rejoining_peers_even_on_admit_false_votes_but
     assert [x.peer_id for x in of(out, m.Topology)[0].msg.members] == [h.pid["a"], h.pid["b"], h.pid["new"]]
 
 
+def test_a_rejoin_naming_this_very_master_is_refused_one_naming_another_is_not():
+    """A peer that took its own freeze (or a dropped connection) for a master restart re-registers
+    with ``rejoin`` and the id of the master it lost. If that is this master, there was no restart:
+    this master removed the peer, so it is refused (Kicked), not slipped back into its group."""
+    h = H()
+    h.world("a", "b")
+    me = h.core.incarnation
+    assert me > 0 and MasterCore(CFG).incarnation != me  # random per master process
+    reg = [s.msg for s in h.register("c") if isinstance(s.msg, m.Registered)][0]
+    assert reg.master == me  # told to every registering peer
+    h.core.disconnected("b", 1.0)  # b's connection dropped: the master removed it
+    out = h.send("b2", m.Register(group=0, data_host="10.0.0.1", data_port=1001, locality="here", name="b",
+                                  rejoin=True, former_master=me))
+    assert [type(x) for x in to(out, "b2")] == [m.Kicked] and "did not restart" in to(out, "b2")[0].reason
+    assert "b2" not in h.core.by_conn
+    out = h.send("b3", m.Register(group=0, data_host="10.0.0.1", data_port=1001, locality="here", name="b",
+                                  rejoin=True, former_master=me ^ 1))  # lost another master: a real restart
+    assert [type(x) for x in to(out, "b3")] == [m.Registered]
+    assert h.core.peers[h.core.by_conn["b3"]].rejoin
+
+
 def test_status_query_is_answered_even_for_unknown_connections():
     h = H()
     h.world("a", "b")

@@ -63,6 +63,22 @@ def test_silence_while_connected_is_a_loss_and_any_message_defers_it():
     assert s.next_deadline() == pytest.approx(11.1 + BASE)
 
 
+def test_a_frozen_process_does_not_count_its_freeze_as_master_silence():
+    s = connected()
+    s.heard(5.0)
+    s.stalled(20.0, 12.0)  # SIGSTOPped from 8.0 to 20.0: the master was silent 3 s of running time
+    assert s.tick(20.0) == [] and s.phase is Phase.CONNECTED
+    assert s.next_deadline() == pytest.approx(5.0 + 12.0 + SILENCE)
+    assert s.kicked(20.01, "missed heartbeats") == [Fail("kicked", "missed heartbeats")]  # read after the freeze
+    s = connected()
+    s.stalled(3.0, 100.0)  # never beyond now: a stall cannot buy silence in the future
+    assert s.next_deadline() == pytest.approx(3.0 + SILENCE)
+    acts = s.tick(9.1)
+    assert isinstance(acts[1], Lost)  # real silence after the freeze still is a loss
+    s.stalled(9.2, 5.0)  # only a connected session's silence clock is affected
+    assert s.phase is Phase.BACKING_OFF and s.next_deadline() == pytest.approx(9.1 + BASE)
+
+
 def test_closed_connection_is_a_loss_then_attempts_back_off_with_a_cap_until_the_window_ends():
     s = connected()
     assert s.connection_lost(1.0, "the connection closed") == [Drop(), Lost("the connection closed", WINDOW)]
@@ -186,7 +202,7 @@ def test_invalid_parameters():
         rc.Session(0.0, window=1, base=1.0, cap=0.5, attempt_timeout=1, silence=1, first_window=1)
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from(["tick", "lost", "registered", "heard", "kicked"]),
+EVENTS = st.lists(st.tuples(st.sampled_from(["tick", "lost", "registered", "heard", "kicked", "stalled"]),
                             st.floats(0.0, 3.0)), max_size=60)
 
 
@@ -207,9 +223,10 @@ def test_random_event_sequences_keep_the_invariants(events, window):
             acts = s.connection_lost(now, "closed")
         elif kind == "registered":
             acts = s.registered(now) if open_conn else []
-        elif kind == "heard":
-            s.heard(now)
+        elif kind in ("heard", "stalled"):
+            s.heard(now) if kind == "heard" else s.stalled(now, dt)
             acts = []
+            assert s.last_heard <= now
         else:
             acts = s.kicked(now, "bye") if open_conn else []
         if phase in rc.FINAL:

@@ -11,8 +11,9 @@ How it works
 3. Sessions (``pccl.transports.reconnect`` decides; this shell only executes): zmq's automatic
    reconnection is off, so every connection is opened here and carries exactly one registration
    (``hello()`` builds the ``Register``). A socket monitor reports a closed or refused connection
-   at once; a master silent for ``master_timeout`` counts as lost too. Everything the master sent
-   before a connection closed is read first. A lost session calls ``on_lost(MasterLost)`` and
+   at once; a master silent for ``master_timeout`` counts as lost too (time this process was
+   frozen, seen as a poll returning over ``STALL_SECONDS`` late, does not count). Everything
+   the master sent before a connection closed is read first. A lost session calls ``on_lost(MasterLost)`` and
    re-registers with capped exponential backoff for ``master_reconnect_timeout`` seconds.
 4. Final failures call ``on_failure`` once and end the thread: MasterUnreachable (no session
    within the window), Kicked (the master removed this peer, or refused its registration),
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _IDS = itertools.count()
 _SESSION = struct.Struct("<Q")
+STALL_SECONDS = 1.0  # a poll that returns this much later than asked means this process did not run
 
 
 class ControlChannel:
@@ -163,7 +165,7 @@ class ControlChannel:
                     raise Kicked(f"the master removed this peer: {a.reason}")
                 if a.kind == "refused":
                     raise Kicked(f"the master at {self.master} refused this peer's registration: {a.reason}; "
-                                 "create a new Communicator (check the master's version and settings)")
+                                 "create a new Communicator")
                 raise MasterUnreachable(f"the master at {self.master} is unreachable: {a.reason}")
 
     def _fail(self, err: PcclError) -> None:
@@ -270,7 +272,11 @@ class ControlChannel:
                 wait = min(self._core.next_deadline() - now, 0.2)
                 if self._core.phase is rc.Phase.CONNECTED:
                     wait = min(wait, cfg.heartbeat_interval - (now - self._last_sent))
-                poller.poll(max(int(wait * 1000), 0) + 1)
+                wait_ms = max(int(wait * 1000), 0) + 1
+                poller.poll(wait_ms)
+                late = time.monotonic() - now - wait_ms / 1000
+                if late > STALL_SECONDS:  # this process was frozen or starved, not the master silent
+                    self._core.stalled(time.monotonic(), late)
                 self._read_dealer()
                 self._read_monitor()
                 self._forward()

@@ -119,7 +119,9 @@ class AuthFailed:
 @message("register")
 class Register:
     """``rejoin``: this peer was a member of its group when its master connection was lost (the
-    master restarted); topology votes with ``admit=False`` still admit it."""
+    master restarted); topology votes with ``admit=False`` still admit it. ``former_master``: the
+    ``Registered.master`` of the master it lost (0: unknown); a master that finds its own id there
+    did not restart, it removed this peer, and refuses the registration."""
 
     group: int
     data_host: str
@@ -127,6 +129,7 @@ class Register:
     locality: str
     name: str
     rejoin: bool = False
+    former_master: int = 0
 
 
 @message("heartbeat")
@@ -222,8 +225,11 @@ class ProbeResult:
 # --------------------------------------------------------------------------- master -> peer
 @message("registered")
 class Registered:
+    """``master``: this master process's random incarnation id (0: unknown)."""
+
     peer_id: int
     accepted: bool
+    master: int = 0
 
 
 @message("pending_reply")

@@ -20,6 +20,10 @@ How it works
    (open a fresh connection and send ``Register``), ``Drop`` (close the current connection),
    ``Lost`` (tell the peer its session is gone: fail what is in flight, it is reconnecting),
    ``Fail`` (final: tell the peer why). ``next_deadline()`` says when ``tick`` must run next.
+5. A frozen process (``stalled``) does not count its own freeze as the master's silence: after a
+   SIGSTOP longer than ``silence`` the master has usually removed this peer, and the ``Kicked``
+   waiting on the connection must be read, not lost to a re-registration that would slip the
+   peer back into a group that went on without it.
 """
 from __future__ import annotations
 
@@ -105,6 +109,14 @@ class Session:
     def heard(self, now: float) -> None:
         """Any message arrived on the current connection (proves the master alive)."""
         self.last_heard = now
+
+    def stalled(self, now: float, seconds: float) -> None:
+        """This process did not run for ``seconds`` (SIGSTOP, a debugger, swapping, starvation):
+        that time is not the master's silence. While connected, the silence clock stands still
+        for it, so a revived peer first reads what the master sent meanwhile (a ``Kicked`` is then
+        final) instead of taking its own freeze for a lost master and re-registering."""
+        if self.phase is Phase.CONNECTED and seconds > 0:
+            self.last_heard = min(now, self.last_heard + seconds)
 
     def registered(self, now: float) -> list[Action]:
         """``Registered`` arrived on the current connection."""
