@@ -140,6 +140,7 @@ class Campaign:
             if faults is None else faults
         self.log_dir = Path(opts.log_dir or tempfile.mkdtemp(prefix="pccl-chaos-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.lossy_backend = netfaults.lossy_backend()
         self.events: list[dict] = []
         self.q: queue.Queue[tuple[int, dict]] = queue.Queue()
         self.cells: list[Cell] = []
@@ -439,7 +440,7 @@ class Campaign:
         elif f.kind in schedule.NETNS_KINDS:
             if self.hosts is None or not victim.host:
                 return self.skip(f, "link faults need --netns")
-            netfaults.run(netfaults.apply_cmds(f.kind, NETNS_PREFIX, victim.host, f.param))
+            netfaults.run(netfaults.apply_cmds(f.kind, NETNS_PREFIX, victim.host, f.param, self.lossy_backend))
             victim.linkfault = (f.kind, f.param)
             self.timers.append((now + f.duration, "restore", victim))
             self.count(f, cell=victim.cell.index, slot=victim.index)
@@ -470,9 +471,15 @@ class Campaign:
                 self.signal(obj, signal.SIGTERM)
             elif what == "restore" and isinstance(obj, Slot) and obj.linkfault:
                 kind, param = obj.linkfault
-                netfaults.run(netfaults.restore_cmds(kind, NETNS_PREFIX, obj.host, param), check=False)
+                extra: dict = {}
+                if kind == "lossy" and self.lossy_backend == "taildrop":
+                    text = netfaults.output(netfaults.stats_cmds(NETNS_PREFIX, obj.host))
+                    extra["packets"], extra["dropped"] = netfaults.parse_drops(text)
+                    self.say(f"  lossy link of slot {obj.index}: {extra['dropped']} of {extra['packets']} packets dropped")
+                netfaults.run(netfaults.restore_cmds(kind, NETNS_PREFIX, obj.host, param, self.lossy_backend),
+                              check=False)
                 obj.linkfault = None
-                self.record("restored", kind=kind, cell=obj.cell.index, slot=obj.index)
+                self.record("restored", kind=kind, cell=obj.cell.index, slot=obj.index, **extra)
             elif what == "master" and isinstance(obj, Cell):
                 self.start_master(obj)
                 self.record("master_started", cell=obj.index, epoch=obj.epoch)

@@ -170,3 +170,32 @@ def test_kill_soak_10_minutes(tmp_path):
     _assert_clean(r)
     assert r["faults_injected"].get("kill", 0) >= 50, r["faults_injected"]
     assert r["ok"], report.details(r)
+
+
+def test_lossy_link_commands_for_both_backends():
+    from chaos import netfaults
+
+    ipt = netfaults.apply_cmds("lossy", "chaos", 1, 0.03, "iptables")
+    assert [c[4] for c in ipt] == ["iptables"] * 2 and all("0.0300" in c for c in ipt)
+    assert netfaults.restore_cmds("lossy", "chaos", 1, 0.03, "iptables")[0][5] == "-D"
+    tail = netfaults.apply_cmds("lossy", "chaos", 1, 0.03, "taildrop")
+    assert len(tail) == 2 and all(c[0] == "tc" and "tbf" in c and "limit" in c for c in tail)
+    assert tail[0][1:3] == ["-n", "chaos-h1"] and "eth0" in tail[0]  # inside the namespace, and on the root end
+    rate, burst, limit = netfaults.LOSSY_TAILDROP
+    assert limit > 65536 and burst >= 65536 and str(limit) in tail[1]  # a 64 KiB GSO packet fits
+    assert netfaults.restore_cmds("lossy", "chaos", 1, 0.03, "taildrop") == \
+        netfaults.restore_cmds("slow", "chaos", 1, 1e6)
+    with pytest.raises(ValueError):
+        netfaults.apply_cmds("kill", "chaos", 1, 0.0)
+
+
+def test_parse_drops_sums_every_qdisc():
+    from chaos import netfaults
+
+    text = ("qdisc tbf 8095: root refcnt 3 rate 50Mbit burst 256Kb limit 100000b \n"
+            " Sent 32891916 bytes 21736 pkt (dropped 91, overlimits 2578 requeues 0) \n"
+            " backlog 0b 0p requeues 0\n"
+            "qdisc tbf 8096: root refcnt 2 rate 50Mbit burst 256Kb limit 100000b \n"
+            " Sent 1000 bytes 10 pkt (dropped 2, overlimits 0 requeues 0) \n")
+    assert netfaults.parse_drops(text) == (21746, 93)
+    assert netfaults.parse_drops("") == (0, 0)
