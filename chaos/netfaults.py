@@ -8,9 +8,10 @@ How it works
    ``statistic --mode random`` DROP rules on INPUT and OUTPUT inside the namespace (probability
    ``param``) where iptables is installed; elsewhere (``backend="taildrop"``; this kernel has no
    netem, gact, red or sfq either) a ``tbf`` with a shallow queue (``LOSSY_TAILDROP``: 50 Mbit,
-   100 kB) on both ends, which drops real packets whenever TCP's bursts overflow it (about 1 %
-   of packets measured with one bulk flow). That loss rate is not chosen by ``param``; the
-   campaign reads the drops from ``tc -s`` (``parse_drops``) and records them with the fault.
+   100 kB) on both ends, which drops real packets whenever TCP's bursts overflow it (0.4–1 % of
+   the packets of one bulk flow here; a quarter of the all-reduce peers' GSO packets in a
+   campaign). That loss rate is not chosen by ``param``; the campaign reads the drops from
+   ``tc -s`` (``parse_drops``) and records them with the fault.
    ``partition``: eth0 down, then up.
 3. ``problem()`` says, before a campaign starts, why a scenario cannot run on this machine (not
    root, iproute2 missing), so it fails with that message instead of crashing midway.
@@ -39,8 +40,7 @@ def lossy_backend() -> str:
 
 def _taildrop_cmd(dev: str, ns: str | None) -> list[str]:
     bits, burst, limit = LOSSY_TAILDROP
-    tc = ["tc", "-n", ns] if ns else ["tc"]
-    return [*tc, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit", "burst", str(burst),
+    return [*netem._tc(ns), "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit", "burst", str(burst),
             "limit", str(limit)]
 
 
