@@ -49,6 +49,17 @@ def send_frame(sock: socket.socket, header: bytes, payload: memoryview) -> None:
             sock.sendall(payload[sent - len(header):])
 
 
+def recv_header(sock: socket.socket, buf: bytearray, max_frame: int, seq: int, step: int, piece: int,
+                nbytes: int) -> None:
+    """Receive one data frame header into ``buf`` (FRAME_SIZE bytes) and check that it announces
+    exactly the frame expected; anything else is a ProtocolError."""
+    recv_exact(sock, memoryview(buf))
+    h = framing.decode_frame(buf, max_frame)
+    if (h.seq, h.step, h.piece, h.nbytes) != (seq, step, piece, nbytes):
+        raise ProtocolError(f"unexpected data frame (op {h.seq} step {h.step:#x} piece {h.piece} {h.nbytes} B; "
+                            f"expected op {seq} step {step:#x} piece {piece} {nbytes} B)")
+
+
 def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B") if a.size else memoryview(b"")
 
@@ -210,7 +221,6 @@ class RingJob(LaneJob):
         pieces = plan.lane_pieces(lane)
         itemsize = self.out.dtype.itemsize
         hdr_buf = bytearray(framing.FRAME_SIZE)
-        hdr_view = memoryview(hdr_buf)
 
         def run(conn: Connection) -> None:
             if self.gate is not None:
@@ -223,12 +233,7 @@ class RingJob(LaneJob):
                     if hi > lo:
                         nbytes = (hi - lo) * itemsize if self.codec is None else codecs.encoded_size(
                             self.codec, hi - lo)
-                        recv_exact(sock, hdr_view)
-                        h = framing.decode_frame(hdr_buf, self.max_frame)
-                        if (h.seq, h.step, h.piece, h.nbytes) != (self.seq, step.index, j, nbytes):
-                            raise ProtocolError(
-                                f"unexpected data frame (op {h.seq} step {h.step} piece {h.piece} "
-                                f"{h.nbytes} B; expected op {self.seq} step {step.index} piece {j} {nbytes} B)")
+                        recv_header(sock, hdr_buf, self.max_frame, self.seq, step.index, j, nbytes)
                         target = self.out[lo:hi]
                         if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
                             self.backup.wait(lo, hi)

@@ -26,10 +26,10 @@ import time
 import numpy as np
 
 from pccl.enums import Quantization, ReduceOp
-from pccl.errors import PcclTimeout, ProtocolError
+from pccl.errors import PcclTimeout
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import LaneJob, RingJob, _bytes, send_frame
+from pccl.algorithms.executor import LaneJob, RingJob, _bytes, recv_header, send_frame
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
@@ -85,6 +85,8 @@ class GroupJob(LaneJob):
                 if x != plan.rank:
                     conns = self.mesh.recv(self.peers[x])
                     programs += [(conns[k], self._reduce_receiver(x, k)) for k in lanes]
+        phase_a = len(programs)
+        if j is not None:
             column = plan.column()
             if len(column) > 1:  # phase B
                 lo, hi = plan.shards[j]
@@ -109,19 +111,12 @@ class GroupJob(LaneJob):
             self._running = len(programs)
         # Ring programs are queued after this rank's phase A programs on their connections (the
         # ring uses other connections than phase A/C: its peers are in other groups).
-        for conn, prog in programs[:self._phase_a_count(programs)]:
+        for conn, prog in programs[:phase_a]:
             conn.submit(prog, self._lane_done)
         if self.ring is not None:
             self.ring.start()
-        for conn, prog in programs[self._phase_a_count(programs):]:
+        for conn, prog in programs[phase_a:]:
             conn.submit(prog, self._lane_done)
-
-    def _phase_a_count(self, programs: list) -> int:
-        plan = self.plan
-        j = plan.owned
-        sends = (plan.columns - (1 if j is not None else 0)) * plan.lanes
-        recvs = (len(plan.members) - 1) * plan.lanes if j is not None else 0
-        return sends + recvs
 
     def wait(self, deadline: float) -> None:
         """Block until every program (and the column ring) finished; raise the first error or PcclTimeout."""
@@ -274,12 +269,7 @@ class GroupJob(LaneJob):
         return run
 
     def _header(self, conn: Connection, step: int, p: int, nbytes: int) -> None:
-        buf = bytearray(framing.FRAME_SIZE)
-        recv_exact(conn.sock, memoryview(buf))
-        h = framing.decode_frame(buf, self.max_frame)
-        if (h.seq, h.step, h.piece, h.nbytes) != (self.seq, step, p, nbytes):
-            raise ProtocolError(f"unexpected data frame (op {h.seq} step {h.step:#x} piece {h.piece} {h.nbytes} B; "
-                                f"expected op {self.seq} step {step:#x} piece {p} {nbytes} B)")
+        recv_header(conn.sock, bytearray(framing.FRAME_SIZE), self.max_frame, self.seq, step, p, nbytes)
 
     def _reduce_receiver(self, member: int, lane: int):
         plan = self.plan

@@ -33,10 +33,10 @@ def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan
     for loc in localities:
         sizes[loc] = sizes.get(loc, 0) + 1
     g = len(sizes)
-    b_ring = beta_w if g > 1 else beta
+    b_cross = beta_w if g > 1 else beta  # the ring and the star both cross localities when there are several
     out = {
-        Algorithm.RING: 2 * (n - 1) * (alpha + s / n * b_ring) + (n - 1) / n * s * gamma,
-        Algorithm.STAR: 2 * alpha + 2 * (n - 1) * s * (beta_w if g > 1 else beta) + (n - 1) * s * gamma,
+        Algorithm.RING: 2 * (n - 1) * (alpha + s / n * b_cross) + (n - 1) / n * s * gamma,
+        Algorithm.STAR: 2 * alpha + 2 * (n - 1) * s * b_cross + (n - 1) * s * gamma,
     }
     if 1 < g < n:
         c, big = min(sizes.values()), max(sizes.values())
