@@ -3,8 +3,6 @@ the caller's input after a failure injected at every stage of reduce-scatter and
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from pccl.algorithms import executor as ex
 from pccl.algorithms import ring
 from pccl.algorithms.backup import Backup, overwrite_order
 from pccl.transports.links import Connection, LinkSet
+
+from lane_faults import failing_recv, settle
 
 
 def make_links(n: int, k: int) -> list[LinkSet]:
@@ -41,38 +41,12 @@ def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None):
             b.run()
         backups.append(b)
         jobs.append(ex.RingJob(plan, 7, op, inputs[r], outs[r], links[r], 1 << 30, b))
-    owner = {id(c.sock): r for r in range(n) for c in links[r].recv}
-    calls = {}
-    lock = threading.Lock()
     real = ex.recv_exact
-
-    def faulty(sock, view):
-        r = owner.get(id(sock))
-        with lock:
-            calls[r] = calls.get(r, 0) + 1
-            hit = fail is not None and r == fail[0] and calls[r] == fail[1]
-        if hit:
-            raise PeerFailure("injected")
-        return real(sock, view)
-
-    ex.recv_exact = faulty
+    ex.recv_exact, calls = failing_recv({id(c.sock): r for r in range(n) for c in links[r].recv}, fail, real)
     try:
         for j in jobs:
             j.start()
-        errors = []
-        for j in jobs:
-            try:
-                j.wait(time.monotonic() + (2 if fail else 30))
-            except Exception as exc:  # noqa: BLE001 - collected and checked below
-                errors.append(exc)
-                for other in jobs:  # what the master's abort verdict does
-                    other.abort(PeerFailure("aborted"))
-        for j in jobs:
-            assert j.join(10)
-        if errors:
-            for j in jobs:
-                j.restore()
-        return outs, errors, calls
+        return outs, settle(jobs, 2 if fail else 30), calls
     finally:
         ex.recv_exact = real
         for ls in links:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from pccl.enums import Algorithm, Quantization, ReduceOp
-from pccl.errors import PeerFailure
 from pccl.algorithms import executor as ex
 from pccl.algorithms import group_exec as gx
 from pccl.algorithms import groups, select
 from pccl.algorithms.backup import Backup
 from pccl.transports.links import Connection
+
+from lane_faults import failing_recv, settle
 
 LAYOUTS = [
     ("star", ["a", "a"]),
@@ -78,20 +79,9 @@ def run_group(inputs, op, algo, localities, k=2, pipeline_bytes=1 << 10, in_plac
         backups.append(b)
         jobs.append(gx.GroupJob(plan, 9, op, inputs[r], outs[r], meshes[r], tuple(range(n)), 1 << 30, deadline,
                                 b, codec, pipeline_bytes))
-    owner = {id(c.sock): r for r in range(n) for cs in meshes[r].recvs.values() for c in cs}
-    calls: dict[int, int] = {}
-    lock = threading.Lock()
     real = gx.recv_exact
-
-    def faulty(sock, view):
-        r = owner.get(id(sock))
-        with lock:
-            calls[r] = calls.get(r, 0) + 1
-            hit = fail is not None and r == fail[0] and calls[r] == fail[1]
-        if hit:
-            raise PeerFailure("injected")
-        return real(sock, view)
-
+    faulty, calls = failing_recv({id(c.sock): r for r in range(n) for cs in meshes[r].recvs.values() for c in cs},
+                                 fail, real)
     gx.recv_exact = ex.recv_exact = faulty
     try:
         for j in jobs:
@@ -102,22 +92,12 @@ def run_group(inputs, op, algo, localities, k=2, pipeline_bytes=1 << 10, in_plac
                 t = threading.Timer(backup_delay, b.run)
                 t.start()
                 timers.append(t)
-        errors = []
-        for j in jobs:
-            try:
-                j.wait(time.monotonic() + (3 if fail else 30))
-            except Exception as exc:  # noqa: BLE001 - collected and checked below
-                errors.append(exc)
-                for other in jobs:  # what the master's abort verdict does
-                    other.abort(PeerFailure("aborted"))
-        for t in timers:
-            t.join()
-        for j in jobs:
-            assert j.join(10)
-        if errors:
-            for j in jobs:
-                j.restore()
-        return outs, errors, calls
+
+        def join_timers() -> None:
+            for t in timers:
+                t.join()
+
+        return outs, settle(jobs, 3 if fail else 30, join_timers), calls
     finally:
         gx.recv_exact = ex.recv_exact = real
         for ms in meshes:

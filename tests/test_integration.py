@@ -170,22 +170,6 @@ def test_garbage_to_master_and_data_ports(cluster_factory):
     assert fails == []
 
 
-@pytest.fixture
-def process_cluster():
-    from cluster import ProcessCluster
-
-    made: list = []
-
-    def make(**config):
-        c = ProcessCluster(**config)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
 def test_master_sigkill_and_restart_on_the_same_port_mid_all_reduce_loop(process_cluster):
     """kill -9 the master while 3 peers all-reduce in a loop; a new master (no state) starts on
     the same port; the peers fail what was in flight with MasterLost (input restored), re-register,
