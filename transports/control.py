@@ -13,8 +13,9 @@ How it works
    (``hello()`` builds the ``Register``). A socket monitor reports a closed or refused connection
    at once; a master silent for ``master_timeout`` counts as lost too (time this process was
    frozen, seen as a poll returning over ``STALL_SECONDS`` late, does not count). Everything
-   the master sent before a connection closed is read first. A lost session calls ``on_lost(MasterLost)`` and
-   re-registers with capped exponential backoff for ``master_reconnect_timeout`` seconds.
+   the master sent before a connection closed is read first. A lost session calls
+   ``on_lost(MasterLost)`` and re-registers with capped exponential backoff for
+   ``master_reconnect_timeout`` seconds.
 4. Final failures call ``on_failure`` once and end the thread: MasterUnreachable (no session
    within the window), Kicked (the master removed this peer, or refused its registration),
    AuthenticationFailed, ProtocolError (undecodable input). ``close()`` is idempotent and bounded.

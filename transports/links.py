@@ -9,8 +9,9 @@ How it works
    ``max_half_open`` connections may be in handshake, parked or being served; more are closed at
    once. With a shared secret (``Config.secret``) both sides first prove it by HMAC
    challenge-response (``transports.auth``); a side without it, or with another, is refused
-   with a reason code and the connection closed. Connections of another kind (shared-state transfer, bandwidth probe) are handed to the
-   handler registered for that kind, on the handshake's thread, and closed when it returns.
+   with a reason code and the connection closed. Connections of another kind (shared-state
+   transfer, bandwidth probe) are handed to the handler registered for that kind, on the
+   handshake's thread, and closed when it returns.
 2. The connector opens K sockets per directed link (one direction each: a socket only ever sends
    or only ever receives), sends the handshake and checks the ack's peer id.
 3. Each :class:`Connection` owns a worker thread. Collectives submit one *lane program* per
@@ -482,11 +483,10 @@ class Mesh:
             if peer not in self._recv:
                 conns = []
                 for i in range(self.k):
-                    def claim(i: int = i, index: int = len(conns)) -> socket.socket:
-                        conn = conns[index]
+                    def claim(i: int = i) -> socket.socket:
                         return self.listener.claim(self.revision, peer, framing.MESH_INDEX + i,
                                                    time.monotonic() + self.config.op_timeout,
-                                                   lambda: self.abandoned(peer) or conn.aborted)
+                                                   lambda: self.abandoned(peer) or conns[i].aborted)
                     conns.append(Connection(None, f"r{self.revision}-mesh-from{peer}-{i}", claim))
                 self._recv[peer] = conns
             return self._recv[peer]
