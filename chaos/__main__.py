@@ -23,7 +23,7 @@ def _run(a: argparse.Namespace) -> int:
     opts = Options(scenario=a.scenario, peers=a.peers, duration=a.duration, seed=a.seed, workload=a.workload,
                    netns=a.netns, with_master_restart=a.with_master_restart,
                    expect_ride_through=a.expect_ride_through, knobs=knobs, slack=a.slack, log_dir=a.log_dir,
-                   quiet=a.quiet, warm_spares=a.warm_spares)
+                   quiet=a.quiet, warm_spares=a.warm_spares, zygote=a.zygote)
     print(f"chaos seed {a.seed}", flush=True)
 
     def on_term(*_: object) -> None:
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warm-spares", action="store_true",
                    help="replace a killed peer by a pre-started one (imports and set-up done): pccl's recovery "
                         "without the process start-up time")
+    r.add_argument("--zygote", action="store_true",
+                   help="fork every peer from one process that did the imports once (chaos.zygote): a "
+                        "replacement starts in milliseconds instead of paying python/torch start-up")
     r.add_argument("--expect-ride-through", action="store_true",
                    help="a peer losing its communicator to a master restart is a violation")
     for k in ("kill_every", "stop_every", "join_every", "link_every", "mix_every", "master_every"):

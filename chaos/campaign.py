@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos import invariants, netfaults, schedule
+from chaos import zygote as zygote_mod
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "chaos"
@@ -75,6 +76,8 @@ class Options:
     #: keep one pre-started peer per cell (imports, data and model done, waiting on stdin) to replace
     #: a killed peer: measures pccl's recovery without the process start-up cost
     warm_spares: bool = False
+    #: fork every peer from one pre-imported process (chaos.zygote) instead of starting python anew
+    zygote: bool = False
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Slot:
     cell: "Cell"
     host: int = 0            # netns host number (0: root namespace / loopback)
     extra: bool = False      # a join-storm newcomer (not replaced when it exits)
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | zygote_mod.Forked | None = None
     generation: int = 0
     joined: bool = False     # has reported progress since its last spawn / revival
     stopped: bool = False
@@ -114,16 +117,6 @@ class Cell:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the controller dies, even by SIGKILL (Linux prctl)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _free_port(host: str) -> int:
@@ -160,6 +153,7 @@ class Campaign:
         self.spare_ready: set[int] = set()
         self.spare_serial = 0
         self.spare_procs: list[subprocess.Popen] = []
+        self.zygote: zygote_mod.Zygote | None = None
 
     # ------------------------------------------------------------------ small helpers
     def say(self, text: str) -> None:
@@ -173,13 +167,19 @@ class Campaign:
         self.events_file.write(json.dumps(fields) + "\n")
         return fields
 
-    def env(self, cell: Cell) -> dict[str, str]:
+    def env(self, cell: Cell | None) -> dict[str, str]:
         env = dict(os.environ)
         for k, v in CONFIG_DEFAULTS.items():
             env.setdefault(k, v)
-        env.update(PCCL_MASTER=cell.address, PYTHONUNBUFFERED="1", CHAOS_EPOCH_FILE=cell.epoch_file,
+        env.update(PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        if cell is not None:
+            env.update(self.cell_env(cell))
         return env
+
+    @staticmethod
+    def cell_env(cell: Cell) -> dict[str, str]:
+        return {"PCCL_MASTER": cell.address, "CHAOS_EPOCH_FILE": cell.epoch_file}
 
     def config_value(self, name: str) -> float:
         import pccl
@@ -194,7 +194,7 @@ class Campaign:
         cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", cell.host, "--port", str(cell.port)]
         cell.master = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.master_log,
                                        stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=zygote_mod.die_with_parent)
         deadline = time.monotonic() + 30.0
         line = ""
         ready = threading.Event()
@@ -221,11 +221,13 @@ class Campaign:
 
     # ------------------------------------------------------------------ peers
     def command(self, cell: Cell, slot_arg: int, spare: bool) -> list[str]:
+        return [sys.executable, "-m", "chaos.workload"] + self.workload_args(cell, slot_arg, spare)
+
+    def workload_args(self, cell: Cell, slot_arg: int, spare: bool) -> list[str]:
         o = self.o
-        cmd = [sys.executable, "-m", "chaos.workload", "--workload", cell.workload, "--slot", str(slot_arg),
-               "--seed", str(o.seed), "--slack", str(o.slack), "--elems", str(o.elems),
-               "--ops-per-sync", str(o.ops_per_sync), "--sync-every", str(o.sync_every)]
-        return cmd + (["--spare"] if spare else [])
+        args = ["--workload", cell.workload, "--slot", str(slot_arg), "--seed", str(o.seed), "--slack", str(o.slack),
+                "--elems", str(o.elems), "--ops-per-sync", str(o.ops_per_sync), "--sync-every", str(o.sync_every)]
+        return args + (["--spare"] if spare else [])
 
     def spawn(self, slot: Slot) -> None:
         cell = slot.cell
@@ -242,13 +244,19 @@ class Campaign:
             spare.stdin.flush()
             slot.proc = spare
             self.start_spare(cell)
+        elif self.zygote is not None:
+            try:
+                slot.proc = self.zygote.fork(self.workload_args(cell, slot.index, spare=False), self.cell_env(cell))
+            except zygote_mod.ZygoteError as exc:
+                raise CampaignError(f"cannot start the peer of slot {slot.index}: {exc}") from exc
+            self.bind[slot.proc.pid] = (slot.index, slot.generation)
         else:
             cmd = self.command(cell, slot.index, spare=False)
             if self.hosts is not None and slot.host:
                 cmd = self.hosts.argv(slot.host, cmd)
             slot.proc = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
                                          stdin=subprocess.DEVNULL, text=True, start_new_session=True, cwd=REPO,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=zygote_mod.die_with_parent)
             self.bind[slot.proc.pid] = (slot.index, slot.generation)
             threading.Thread(target=self._read, args=(slot.proc,), daemon=True).start()
         slot.joined = slot.stopped = slot.terminating = slot.silent_reported = slot.started = False
@@ -262,7 +270,7 @@ class Campaign:
         cmd = self.command(cell, 1000 + self.spare_serial, spare=True)
         p = subprocess.Popen(cmd, env=self.env(cell), stdout=subprocess.PIPE, stderr=self.peer_log,
                              stdin=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=zygote_mod.die_with_parent)
         self.spares[cell.index] = p
         self.spare_procs.append(p)
         threading.Thread(target=self._read, args=(p,), daemon=True).start()
@@ -316,6 +324,8 @@ class Campaign:
         kinds = {f.kind for f in self.faults}
         if o.warm_spares and (o.netns or kinds & set(schedule.NETNS_KINDS)):
             raise CampaignError("--warm-spares works on loopback only (a spare would have to be in the victim's namespace)")
+        if o.zygote and (o.netns or kinds & set(schedule.NETNS_KINDS) or o.warm_spares):
+            raise CampaignError("--zygote works on loopback only and without --warm-spares")
         if o.netns or kinds & set(schedule.NETNS_KINDS):
             why = netfaults.problem(kinds)
             if why:
@@ -343,6 +353,14 @@ class Campaign:
                         epoch_file=str(self.log_dir / f"epoch-{i}"))
             self.cells.append(cell)
             self.start_master(cell)
+        if o.zygote:
+            try:
+                torch_too = any(c.workload == "diloco" for c in self.cells)
+                self.zygote = zygote_mod.Zygote(self.env(None), self.peer_log, lambda pid, ev: self.q.put((pid, ev)),
+                                                torch_too, ready_timeout=o.settle_timeout)
+            except zygote_mod.ZygoteError as exc:
+                raise CampaignError(f"{exc} (see {self.log_dir / 'peers.log'})") from exc
+            self.record("zygote_ready", seconds=self.zygote.ready_seconds)
         n = 0
         for cell in self.cells:
             for _ in range(cell.size):
@@ -578,6 +596,8 @@ class Campaign:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+        if self.zygote is not None:
+            self.zygote.close()
         for cell in self.cells:
             self.kill_master(cell)
         if self.hosts is not None:
@@ -613,6 +633,7 @@ class Campaign:
             "unexpected_exits": self.unexpected_exits,
             "log_dir": str(self.log_dir),
             "warm_spares": o.warm_spares,
+            "zygote": o.zygote,
             "replacement_seconds": replacement_times(self.events),
             "stall_seconds": stall_times(self.events),
         }

@@ -28,7 +28,8 @@ def _kept(r: dict) -> str:
 
 def row(r: dict) -> list[str]:
     steps = f"{r.get('peer_steps', 0)} DiLoCo, {r.get('syncs_completed', 0)} syncs"
-    name = r["scenario"] + (" (netns)" if r.get("netns") else "") + (" (warm spares)" if r.get("warm_spares") else "")
+    name = r["scenario"] + (" (netns)" if r.get("netns") else "") + (" (warm spares)" if r.get("warm_spares") else "") \
+        + (" (zygote)" if r.get("zygote") else "")
     return [name, str(r["peers"]), f"{r['duration']:g}", str(r["seed"]), _faults(r), steps,
             f"{r['collectives_completed']}/{r['collectives_aborted']}", str(r["mismatches"]), str(r["hangs"]),
             _loss(r), _kept(r), "PASS" if r.get("ok") else "FAIL: " + "; ".join(r.get("violations", []))]

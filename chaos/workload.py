@@ -45,10 +45,11 @@ class Out:
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
+        self.pid = os.getpid()  # routes the records of peers forked by chaos.zygote (one shared pipe)
         self.lock = threading.Lock()
 
     def __call__(self, ev: str, **fields) -> None:
-        fields.update(ev=ev, slot=self.slot, t=time.time())
+        fields.update(ev=ev, slot=self.slot, t=time.time(), pid=self.pid)
         line = json.dumps(fields) + "\n"
         with self.lock:
             try:
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: F401  - before pccl opens any socket (see the module docstring)
     peer = Peer(args)
     out = peer.out
-    out("start", peer=None, pid=os.getpid(), workload=args.workload)
+    out("start", peer=None, workload=args.workload)
     try:
         return peer.run_allreduce() if args.workload == "allreduce" else peer.run_diloco()
     except peer.pccl.PcclError as exc:

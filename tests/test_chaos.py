@@ -197,3 +197,63 @@ def test_parse_drops_sums_every_qdisc():
             " Sent 1000 bytes 10 pkt (dropped 2, overlimits 0 requeues 0) \n")
     assert netfaults.parse_drops(text) == (21746, 93)
     assert netfaults.parse_drops("") == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------- zygote
+@pytest.mark.timeout(300)
+def test_kill_loop_with_peers_forked_from_a_zygote(tmp_path):
+    """--zygote: every peer (initial and replacement) is forked from one warmed process; a
+    SIGKILLed peer is reaped, replaced and re-admitted, and nothing is lost."""
+    opts = Options(scenario="kill-loop", peers=3, duration=25.0, seed=2, workload="allreduce",
+                   log_dir=str(tmp_path), quiet=True, slack=20.0, zygote=True,
+                   knobs=schedule.Knobs(kill_every=6.0))
+    r = Campaign(opts).run()
+    _assert_clean(r)
+    assert r["zygote"] and r["faults_injected"].get("kill", 0) >= 3, r["faults_injected"]
+    joined = [t for cell in r["replacement_seconds"].values() for t in cell["joined"]]
+    assert len(joined) >= 2, r["replacement_seconds"]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert any(e["ev"] == "zygote_ready" for e in events)
+    assert r["ok"], report.details(r)
+
+
+@pytest.mark.timeout(180)
+def test_zygote_forks_real_peers_routes_their_records_and_reports_a_sigkill(tmp_path):
+    """Two all-reduce peers forked by chaos.zygote work together; SIGKILL → reaped with -9;
+    closing the zygote ends the other one too."""
+    import os
+    import queue
+    import signal
+    import time
+
+    import pccl
+    from chaos import zygote as zg
+    from chaos.campaign import CONFIG_DEFAULTS
+
+    records: queue.Queue = queue.Queue()
+    env = {**os.environ, **CONFIG_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    with open(tmp_path / "peers.log", "w") as log, pccl.Master("127.0.0.1", 0) as master:
+        z = zg.Zygote(env, log, lambda pid, ev: records.put((pid, ev)), torch_too=False, ready_timeout=120)
+        try:
+            args = ["--workload", "allreduce", "--seed", "3", "--elems", "4096"]
+            cell = {"PCCL_MASTER": master.address, "CHAOS_EPOCH_FILE": str(tmp_path / "epoch")}
+            a = z.fork(args + ["--slot", "0"], cell)
+            b = z.fork(args + ["--slot", "1"], cell)
+            assert a.pid != b.pid and a.pid != z.proc.pid and a.poll() is None
+            ops: dict[int, list[dict]] = {a.pid: [], b.pid: []}
+            end = time.monotonic() + 120
+            while min(len(v) for v in ops.values()) < 3:
+                pid, ev = records.get(timeout=max(0.1, end - time.monotonic()))
+                assert ev["pid"] == pid and pid in ops, ev
+                if ev["ev"] == "op" and ev.get("world") == 2:
+                    assert ev["exact"], ev
+                    ops[pid].append(ev)
+            assert os.getpgid(a.pid) == a.pid  # its own session: killpg reaches it
+            os.killpg(a.pid, signal.SIGKILL)
+            assert a.wait(30) == -signal.SIGKILL
+            assert b.poll() is None
+        finally:
+            z.close()
+        assert b.wait(30) is not None  # died with the zygote
+        assert z.proc.returncode is not None
