@@ -1,7 +1,9 @@
 """pccl.netem: command planning, addresses and per-flow filters (pure), then real namespaces when root."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import json
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import pytest
 
 from pccl import netem
+from pccl.errors import PcclError
 
 PREFIX, SUBNET = "pcclt", 254   # apart from a developer's default `pccl` hosts on 198.18.0.0/24
 
@@ -207,3 +210,28 @@ def test_measure_per_flow_caps_each_flow(can_netem):
         assert len(r["conns"]) == 4 and all(not c["error"] for c in r["conns"])
         assert len({netem.flow_residue(c["sport"], 8) for c in r["conns"]}) == 4
         assert all(0 < c["MBps"] <= 10 * 1.1 for c in r["conns"])   # 80 mbit = 10 MB/s per flow, never more
+
+
+@pytest.mark.timeout(300)
+def test_bench_wan_two_peers_per_host_runs_ring_and_hierarchical(can_netem, tmp_path):
+    """bench-wan --per-host: 2 emulated hosts x 2 peers, locality per host, both algorithms run
+    and are reported (the benchmark itself is in docs/benchmarks.md)."""
+    from pccl import bench_wan
+
+    out = tmp_path / "wan.json"
+    assert bench_wan.main(["--peers", "4", "--per-host", "2", "--mib", "1", "--repeats", "1", "--rate", "1gbit",
+                           "--quantization", "none", "--algorithms", "ring,hierarchical", "--timeout", "120",
+                           "--prefix", PREFIX, "--subnet", str(SUBNET), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["per_host"] == 2 and set(s["cells"]) == {"K=2 none ring", "K=2 none hierarchical"}
+    assert s["cells"]["K=2 none ring"]["ran"] == ["ring"]
+    assert s["cells"]["K=2 none hierarchical"]["ran"] == ["hierarchical"]
+    assert all(len(c["seconds"]) == 1 and c["seconds"][0] > 0 for c in s["cells"].values())
+    assert netem._ours(PREFIX) == ([], [])  # the hosts are gone again
+
+
+def test_bench_wan_refuses_a_per_host_count_that_does_not_divide_the_peers():
+    from pccl import bench_wan
+
+    with pytest.raises(PcclError, match="must divide"):
+        bench_wan.run(argparse.Namespace(peers=3, per_host=2))
