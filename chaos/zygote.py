@@ -210,7 +210,7 @@ class Zygote:
         cmd = [sys.executable, "-m", "chaos.zygote"] + (["--torch"] if torch_too else [])
         self._on_record = on_record
         self._lock = threading.Lock()
-        self._replies: dict[int, int] = {}
+        self._replies: dict[int, Forked] = {}
         self._reply = threading.Condition(self._lock)
         self._children: dict[int, Forked] = {}
         self._reqs = 0
@@ -237,9 +237,11 @@ class Zygote:
             if kind == "zygote_ready":
                 self.ready_seconds = float(ev.get("seconds", 0.0))
                 self._ready.set()
-            elif kind == "forked":
+            elif kind == "forked":  # registered here, so a "reaped" that follows at once is never lost
+                child = Forked(int(ev["pid"]))
                 with self._lock:
-                    self._replies[int(ev["req"])] = int(ev["pid"])
+                    self._children[child.pid] = child
+                    self._replies[int(ev["req"])] = child
                     self._reply.notify_all()
             elif kind == "reaped":
                 with self._lock:
@@ -278,9 +280,7 @@ class Zygote:
                 if self._gone or left <= 0:
                     raise ZygoteError("the zygote did not fork the peer" + (" (it exited)" if self._gone else ""))
                 self._reply.wait(left)
-            child = Forked(self._replies.pop(req))
-            self._children[child.pid] = child
-        return child
+            return self._replies.pop(req)
 
     def close(self) -> None:
         """End the zygote (its children die with it) and wait for it."""
