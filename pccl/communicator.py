@@ -334,7 +334,7 @@ class Communicator:
                     raise PeerFailure("this peer's data links are down; call update_topology and retry")
                 op.job = GroupJob(op.plan, msg.seq, op.op, op.inp, op.out, self._mesh, self._ring,
                                   self.config.max_frame_bytes, op.deadline, op.backup, op.quantization,
-                                  self.config.pipeline_bytes)
+                                  self.config.pipeline_bytes, self._pool)
             op.job.start()
         except PcclError as exc:
             op.start_error = exc
@@ -752,8 +752,11 @@ class Communicator:
                 self._ops.pop(rec.tag, None)
                 if rec.commence is not None:
                     self._by_seq.pop(rec.commence.seq, None)
-            if rec.backup is not None and (rec.job is None or rec.job.join(0.0)):
-                self._pool.give(rec.backup.store.view(np.uint8))
+            if rec.job is None or rec.job.join(0.0):  # no lane can still write into these buffers
+                if rec.backup is not None:
+                    self._pool.give(rec.backup.store.view(np.uint8))
+                for buf in getattr(rec.job, "pooled", ()):
+                    self._pool.give(buf)
         if rec.commit is not None:
             rec.commit()
         job = rec.job
