@@ -73,6 +73,8 @@ class LaneJob:
         self._cond = threading.Condition()
         self._running = 0
         self.failed: BaseException | None = None
+        #: uint8 buffers taken from a pool: the caller gives them back once the lanes stopped
+        self.pooled: list[np.ndarray] = []
 
     def _lane_done(self, err: BaseException | None) -> None:
         with self._cond:

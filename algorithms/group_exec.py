@@ -69,8 +69,6 @@ class GroupJob(LaneJob):
         self.ring: RingJob | None = None
         j = plan.owned
         self._bufs: dict[int, list | np.ndarray] = {}
-        #: uint8 buffers taken from ``pool``: give them back only after the lanes stopped
-        self.pooled: list[np.ndarray] = []
         if j is not None:
             lo, hi = plan.shards[j]
             for x in plan.members:

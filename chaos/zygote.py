@@ -245,7 +245,7 @@ class Zygote:
                     self._reply.notify_all()
             elif kind == "reaped":
                 with self._lock:
-                    child = self._children.get(int(ev["pid"]))
+                    child = self._children.pop(int(ev["pid"]), None)
                 if child is not None:
                     child._ended(int(ev["code"]))
             elif isinstance(ev.get("pid"), int):

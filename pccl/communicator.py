@@ -755,7 +755,7 @@ class Communicator:
             if rec.job is None or rec.job.join(0.0):  # no lane can still write into these buffers
                 if rec.backup is not None:
                     self._pool.give(rec.backup.store.view(np.uint8))
-                for buf in getattr(rec.job, "pooled", ()):
+                for buf in rec.job.pooled if rec.job is not None else ():
                     self._pool.give(buf)
         if rec.commit is not None:
             rec.commit()
