@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[torch,test,demo]'
+	$(BIN)/python -m pccl.algorithms.codec_jit  # compile the codec kernels once into their cache
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -37,6 +37,12 @@ Codecs (``pccl.enums.Quantization``)
   sign is kept only when k > 0), x' = +-s_b * 2^(k-7). Two nibbles a byte, first element in the high
   nibble; for odd n the last low nibble is 0. Nibble 0x8 is never written and reads as 0.
 
+Speed: UINT8, INT8 and FP4 have compiled twins in :mod:`algorithms.codec_jit` (numba), bit-identical
+to the numpy code here, which stays the reference and the fallback. They load in a background
+thread the first time a process codes a chunk of >= ``JIT_AFTER`` values (importing numba takes
+seconds); until then, and where numba is missing or ``PCCL_CODEC_JIT=0``, the numpy code runs.
+Because both give the same bits, peers may mix them, even within one operation.
+
 Wire format, little-endian (integers and IEEE float32)::
 
     offset size field
@@ -55,7 +61,9 @@ non-zero FP4 padding nibble.
 """
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -89,6 +97,65 @@ _FP4_PAIRS.setflags(write=False)
 
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
+
+#: chunks of at least this many values start loading the compiled kernels (smaller ones never pay)
+JIT_AFTER = 1 << 18
+_JIT_CODECS = frozenset({Q.UINT8, Q.INT8, Q.FP4})
+
+
+class _Kernels:
+    """The compiled kernels, loaded once per process by a background thread (see module doc)."""
+
+    def __init__(self) -> None:
+        self.module = None  # algorithms.codec_jit once loaded and warmed up
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def get(self, n: int):
+        """The kernel module, or None (not loaded yet, unavailable, or a chunk below JIT_AFTER)."""
+        if self.module is None and n >= JIT_AFTER:
+            self.start()
+        return self.module
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            if os.environ.get("PCCL_CODEC_JIT", "1") == "0":
+                self.error = ImportError("PCCL_CODEC_JIT=0")
+                self._done.set()
+                self._thread = threading.current_thread()  # marks "started", nothing to join
+                return
+            self._thread = threading.Thread(target=self._load, name="pccl-codec-jit", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            from pccl.algorithms import codec_jit
+
+            codec_jit.warm_up()  # compile or load every specialization before any lane uses one
+            self.module = codec_jit
+        except Exception as exc:  # numba missing or broken: the numpy reference keeps working
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Start loading if needed and wait up to ``timeout`` s; True when the kernels are in use."""
+        self.start()
+        self._done.wait(timeout)
+        return self.module is not None
+
+
+KERNELS = _Kernels()
+
+
+def load_kernels(timeout: float = 300.0) -> bool:
+    """Load the compiled codec kernels now (benchmarks call this before timing). Returns whether
+    they are in use; False when numba is unavailable, disabled, or still loading at ``timeout``."""
+    return KERNELS.wait(timeout)
 
 
 class _Parsed(NamedTuple):
@@ -131,9 +198,32 @@ def encoded_size(codec: Q | str, n: int) -> int:
 
 
 def _minmax(x: np.ndarray) -> tuple[float, float]:
-    """(min, max) in one cached pass; NaN if any NaN, +-inf if any inf; (0, 0) when empty."""
+    """(min, max) in one cached pass; NaN if any NaN, +-inf if any inf; (0, 0) when empty. An
+    all-zero chunk gives -0.0 when every zero is -0.0, else +0.0 (numpy leaves the sign of a zero
+    bound to the order of the data; this rule makes the compiled scan and numpy's agree)."""
     if x.size == 0:
         return 0.0, 0.0
+    jit = KERNELS.get(x.size)
+    if jit is not None:
+        keys = np.array(jit.minmax_keys(x.view(np.int32)), np.int32)
+        if keys[1] > 0x7F800000 or keys[0] < -0x7F800001:  # a NaN's key lies beyond +-inf's
+            return float("nan"), float("nan")
+        keys ^= (keys >> 31) & 0x7FFFFFFF  # the key map is its own inverse: back to float bits
+        lo, hi = (float(v) for v in keys.view(np.float32))
+    else:
+        lo, hi = _minmax_numpy(x)
+    if lo == 0.0 and hi == 0.0:
+        lo = hi = -0.0 if bool(np.signbit(x).all()) else 0.0
+    return lo, hi
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether a 1-D float32 array holds no NaN/inf (one min/max scan, compiled when loaded)."""
+    lo, hi = _minmax(np.ascontiguousarray(_f32_vector(x, "input")))
+    return bool(np.isfinite(lo) and np.isfinite(hi))
+
+
+def _minmax_numpy(x: np.ndarray) -> tuple[float, float]:
     nb = -(-x.size // _BLOCK)
     mins, maxs = np.empty(nb, np.float32), np.empty(nb, np.float32)
     for b, (i, j) in enumerate(_blocks(x.size)):
@@ -307,14 +397,26 @@ def encode(codec: Q | str, x: np.ndarray, out: np.ndarray | None = None) -> np.n
             _enc_bf16(x, payload.view(_LE_U16))
         elif codec is Q.FP4:
             nb = -(-n // FP4_BLOCK)
-            _enc_fp4(x, payload[: 4 * nb].view(_LE_F32), payload[4 * nb :])
+            scales, packed = payload[: 4 * nb].view(_LE_F32), payload[4 * nb :]
+            jit = KERNELS.get(n)
+            if jit is None:
+                _enc_fp4(x, scales, packed)
+            else:
+                y, nib = np.empty(FP4_BLOCK, np.float32), np.empty(FP4_BLOCK + 1, np.uint8)
+                if not jit.enc_fp4(x, x.view(np.uint32), scales, scales.view(np.uint32), packed, y,
+                                   y.view(np.uint32), nib):
+                    _raise_nonfinite(x)
         else:
             zp, s, off = _affine_params(codec, lo, hi)
             if _param_error(codec, zp, s, off):
                 raise InvalidUsage(f"values too close to the float32 limit for {codec.value} "
                                    f"quantization (range [{lo}, {hi}])")
+            jit = KERNELS.get(n)
             if s == 0.0:  # all zero (INT8) or constant (UINT8: decodes to the offset)
                 payload[:] = 0
+            elif jit is not None:
+                q = payload.view(np.int8) if codec is Q.INT8 else payload
+                jit.enc_affine(x, q, zp, s, off, *((-127, 127) if codec is Q.INT8 else (0, 255)))
             elif codec is Q.INT8:
                 _enc_affine(x, payload.view(np.int8), 0, s, 0.0, -127, 127)
             else:
@@ -408,6 +510,25 @@ def _decode_block(p: _Parsed, i: int, j: int, dst: np.ndarray, scratch: np.ndarr
             np.multiply(vals[head:m], scales[full], out=dst[head:])
 
 
+def _decode_jit(p: _Parsed, dst: np.ndarray, add: bool) -> bool:
+    """Decode (add=False) or decode-accumulate all of ``p`` into ``dst`` with the compiled kernels;
+    False when they are not in use for this chunk (the caller then runs the numpy reference)."""
+    if p.codec not in _JIT_CODECS or (p.codec is Q.UINT8 and p.scale == 0.0):
+        return False
+    jit = KERNELS.get(p.n)
+    if jit is None:
+        return False
+    pay = p.payload
+    if p.codec is Q.UINT8:
+        jit.dec_uint8(pay, p.zp, p.scale, p.offset, dst, add)
+    elif p.codec is Q.INT8:
+        jit.dec_int8(pay.view(np.int8), p.scale, dst, add)
+    else:
+        nb = -(-p.n // FP4_BLOCK)
+        jit.dec_fp4(pay[: 4 * nb].view(_LE_F32), pay[4 * nb :], _FP4_NIBBLE, dst, add)
+    return True
+
+
 def decode(codec: Q | str, buf: Buffer, out: np.ndarray | None = None,
            n: int | None = None) -> np.ndarray:
     """Decode one encoded chunk into float32 (into ``out`` when given, else a new array).
@@ -426,6 +547,8 @@ def decode(codec: Q | str, buf: Buffer, out: np.ndarray | None = None,
     p = _parse(codec, buf, n)
     if out is None:
         out = np.empty(p.n, np.float32)
+    if _decode_jit(p, out, add=False):
+        return out
     scratch = np.empty(min(p.n, _BLOCK) // 2 + 1, np.uint64)
     for i, j in _blocks(p.n):
         _decode_block(p, i, j, out[i:j], scratch)
@@ -441,6 +564,8 @@ def decode_add(codec: Q | str, buf: Buffer, acc: np.ndarray) -> None:
     codec = _codec(codec)
     acc = _f32_vector(acc, "decode_add accumulator", writable=True)
     p = _parse(codec, buf, acc.size)
+    if _decode_jit(p, acc, add=True):
+        return
     tmp = np.empty(min(p.n, _BLOCK), np.float32)
     scratch = np.empty(min(p.n, _BLOCK) // 2 + 1, np.uint64)
     for i, j in _blocks(p.n):

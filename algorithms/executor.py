@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from pccl.buffers import BufferPool
 from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclError, PcclTimeout, PeerFailure, ProtocolError
 from pccl.algorithms import codecs, kernels
@@ -62,6 +63,29 @@ def recv_header(sock: socket.socket, buf: bytearray, max_frame: int, seq: int, s
 
 def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B") if a.size else memoryview(b"")
+
+
+class EncodedSlots:
+    """One buffer holding every encoded piece a quantized job keeps (its own final pieces, the
+    pieces it receives), each at a fixed slot. Taken from ``pool`` when given and then listed in
+    ``pooled``: the fresh per-piece arrays it replaces cost a page fault per 4 KiB each op."""
+
+    def __init__(self, codec: Quantization, counts: dict, pool: BufferPool | None,
+                 pooled: list[np.ndarray]) -> None:
+        """``counts``: key -> element count of each piece to hold."""
+        self._at: dict = {}
+        total = 0
+        for key, n in counts.items():
+            size = codecs.encoded_size(codec, n)
+            self._at[key] = (total, total + size)
+            total += size
+        self.buf = pool.take(total) if pool is not None else np.empty(total, np.uint8)
+        if pool is not None:
+            pooled.append(self.buf)
+
+    def __getitem__(self, key) -> np.ndarray:
+        lo, hi = self._at[key]
+        return self.buf[lo:hi]
 
 
 class LaneJob:
@@ -122,11 +146,12 @@ class RingJob(LaneJob):
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
                  links: LinkSet, max_frame: int, backup: Backup | None = None,
                  codec: Quantization = Quantization.NONE, gate: Callable[[], None] | None = None,
-                 restored_by_caller: bool = False) -> None:
+                 restored_by_caller: bool = False, pool: BufferPool | None = None) -> None:
         """``backup`` (of ``inp``, for this plan) is required when ``out is inp``, unless
         ``restored_by_caller`` (a hierarchical job that backs up the whole buffer itself). A
         ``codec`` other than NONE needs float32 buffers and op SUM or AVG. ``gate()`` runs first in
-        every lane program (it blocks until the ring's input is ready, or raises)."""
+        every lane program (it blocks until the ring's input is ready, or raises). ``pool``: where
+        the quantized op's encoded pieces live (see :class:`EncodedSlots`)."""
         super().__init__()
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
@@ -134,6 +159,9 @@ class RingJob(LaneJob):
             raise ValueError("quantized ring jobs reduce float32 with SUM or AVG")
         # encoded all-gather pieces by (chunk, piece): the owner's, then each one received
         self.encoded: dict[tuple[int, int], np.ndarray] = {}
+        self._slots = None if self.codec is None or plan.world == 1 else EncodedSlots(
+            self.codec, {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
+                         for lo, hi in [plan.piece(c, j)] if hi > lo}, pool, self.pooled)
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame
@@ -269,11 +297,11 @@ class RingJob(LaneJob):
             if step.final:
                 kernels.finalize(self.op, target, self.plan.world)
                 # The owner adopts decode(encode(x)) and keeps the bytes the all-gather forwards.
-                enc = codecs.encode(self.codec, target).copy()
+                enc = codecs.encode(self.codec, target, out=self._slots[(step.recv_chunk, j)])
                 codecs.decode(self.codec, enc, out=target)
                 self.encoded[(step.recv_chunk, j)] = enc
         else:
-            enc = np.empty(nbytes, dtype=np.uint8)
+            enc = self._slots[(step.recv_chunk, j)]
             recv_exact(sock, _bytes(enc))
             codecs.decode(self.codec, enc, out=target)
             self.encoded[(step.recv_chunk, j)] = enc

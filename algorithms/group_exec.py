@@ -14,7 +14,8 @@ How it works
 4. Phase C: the owner finalizes its shard once (AVG: divide by the world size; quantized: adopt
    decode(encode(x)) and keep the bytes), then a send program per (member, lane) sends it; every
    member runs a receive program per (owner, lane) that copies (or decodes) it into the output.
-5. An owner's per-member receive buffers come from ``pool`` (the communicator's
+5. An owner's per-member receive buffers (quantized: one :class:`EncodedSlots` for the received
+   and the owner's encoded pieces; the phase-B ring has its own) come from ``pool`` (the communicator's
    :class:`~pccl.buffers.BufferPool`) when one is given, and ``pooled`` lists them so the caller
    hands them back once every lane has stopped: on VMs whose first touch of a fresh page is slow
    (0.05 GB/s measured here), allocating them anew per op cost more than the transfer itself.
@@ -34,7 +35,7 @@ from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclTimeout
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import LaneJob, RingJob, _bytes, recv_header, send_frame
+from pccl.algorithms.executor import EncodedSlots, LaneJob, RingJob, _bytes, recv_header, send_frame
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
@@ -68,14 +69,21 @@ class GroupJob(LaneJob):
         self._finalized = False
         self.ring: RingJob | None = None
         j = plan.owned
-        self._bufs: dict[int, list | np.ndarray] = {}
+        self._bufs: dict[int, np.ndarray] = {}
+        self._slots: EncodedSlots | None = None
+        self.pool = pool
+        if j is not None and self.codec is not None:  # received pieces by (member, p), own by (-1, p)
+            pieces = [(p, hi - lo) for p in range(plan.pieces) for lo, hi in [plan.piece(j, p)] if hi > lo]
+            self._slots = EncodedSlots(self.codec, {(x, p): n for x in plan.members if x != plan.rank
+                                                    for p, n in pieces} | {(-1, p): n for p, n in pieces},
+                                       pool, self.pooled)
         if j is not None:
             lo, hi = plan.shards[j]
             for x in plan.members:
                 if x == plan.rank:
                     continue
-                if self.codec is not None:  # one receive buffer per member: encoded pieces,
-                    self._bufs[x] = [None] * plan.pieces
+                if self.codec is not None:  # encoded pieces in slots (x, p),
+                    continue
                 elif pool is not None:  # or raw values
                     raw = pool.take((hi - lo) * out.dtype.itemsize)
                     self.pooled.append(raw)
@@ -111,7 +119,8 @@ class GroupJob(LaneJob):
                 view = self.out[lo:hi]
                 self.ring = RingJob(rplan, self.seq, ReduceOp.SUM if self.op is ReduceOp.AVG else self.op,
                                     view, view, links, self.max_frame, codec=self.codec or Quantization.NONE,
-                                    gate=self._phase_a_done, restored_by_caller=True)
+                                    gate=self._phase_a_done, restored_by_caller=True, pool=self.pool)
+                self.pooled += self.ring.pooled
             for x in plan.members:  # phase C sends
                 if x != plan.rank:
                     conns = self.mesh.send(self.peers[x])
@@ -200,7 +209,7 @@ class GroupJob(LaneJob):
                 target = self.out[lo:hi]
                 kernels.finalize(self.op, target, self.plan.world)
                 if self.codec is not None:
-                    enc = codecs.encode(self.codec, target).copy()
+                    enc = codecs.encode(self.codec, target, out=self._slots[(-1, p)])
                     codecs.decode(self.codec, enc, out=target)
                     self.encoded[p] = enc
             self._finalized = True
@@ -234,7 +243,7 @@ class GroupJob(LaneJob):
                     else:
                         kernels.reduce_into(self.op, target, src, target)
                 elif self.codec is not None:
-                    enc = self._bufs[x][p]
+                    enc = self._slots[(x, p)]
                     if i == 0:
                         codecs.decode(self.codec, enc, out=target)
                     else:
@@ -299,9 +308,7 @@ class GroupJob(LaneJob):
                     nbytes = self._nbytes(lo, hi, self.codec is not None)
                     self._header(conn, STEP_REDUCE, p, nbytes)
                     if self.codec is not None:
-                        enc = np.empty(nbytes, dtype=np.uint8)
-                        recv_exact(conn.sock, _bytes(enc))
-                        self._bufs[member][p] = enc
+                        recv_exact(conn.sock, _bytes(self._slots[(member, p)]))
                     else:
                         recv_exact(conn.sock, _bytes(self._bufs[member][lo - base:hi - base]))
                 with self._cond:

@@ -62,6 +62,13 @@ def _peer(args) -> None:
     buf = np.empty_like(data)
     modes = args.quantization.split(",")
     algos = args.algorithms.split(",")
+    if any(q != "none" for q in modes):  # the compiled codec kernels, loaded before any timing
+        from pccl.algorithms import codecs
+
+        jit = codecs.load_kernels()
+        if args.index == 0:
+            print(json.dumps({"event": "codec_kernels", "compiled": jit,
+                              "why_not": None if jit else repr(codecs.KERNELS.error)}), flush=True)
     for c in comms:  # warm-up: links, page faults of the buffers
         np.copyto(buf, data)
         c.all_reduce(buf, op=pccl.ReduceOp.AVG)
@@ -98,6 +105,7 @@ def run(args) -> dict:
     masters = [pccl.Master(hosts.address(0), 0).start() for _ in ks]
     procs: list[subprocess.Popen] = []
     trials = []
+    kernels = None
     try:
         common = ["--master", ",".join(m.address for m in masters), "--peers", str(args.peers), "--mib",
                   str(args.mib), "--connections", args.connections, "--quantization", args.quantization,
@@ -112,6 +120,10 @@ def run(args) -> dict:
         assert procs[0].stdout is not None
         for line in procs[0].stdout:
             ev = json.loads(line)
+            if ev["event"] == "codec_kernels":
+                kernels = ev
+                print(f"  codec kernels: {'compiled (numba)' if ev['compiled'] else 'numpy: ' + ev['why_not']}")
+                continue
             trials.append(ev)
             print(f"  trial {ev['trial']} K={ev['connections']} {ev['quantization']:>5} {ev['algorithm']} "
                   f"(ran {ev['ran']}): {ev['seconds']:.3f} s", flush=True)
@@ -140,7 +152,7 @@ def run(args) -> dict:
                 cells[name] = {"seconds": ts, "median_s": med, "busbw_GBps": nbytes / med * factor / 1e9,
                                "ran": sorted({t["ran"] for t in mine}), "ring": mine[-1]["ring"]}
     summary = {"peers": args.peers, "per_host": args.per_host, "mib": args.mib, "rate": args.rate,
-               "per_flow_rate": args.per_flow_rate, "flows": args.flows, "cells": cells}
+               "per_flow_rate": args.per_flow_rate, "flows": args.flows, "codec_kernels": kernels, "cells": cells}
     first = next(iter(cells))
     base = cells[first]["median_s"]
     for name, c in cells.items():

@@ -328,7 +328,7 @@ class Communicator:
                 raise PeerFailure(f"op {msg.seq} commenced although this peer was alone when it announced it")
             if isinstance(op.plan, ring.RingPlan):
                 op.job = RingJob(op.plan, msg.seq, op.op, op.inp, op.out, self._links, self.config.max_frame_bytes,
-                                 op.backup, op.quantization)
+                                 op.backup, op.quantization, pool=self._pool)
             else:
                 if self._mesh is None:
                     raise PeerFailure("this peer's data links are down; call update_topology and retry")
@@ -722,7 +722,7 @@ class Communicator:
             if inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG):
                 raise InvalidUsage(f"quantization {quantization.name} applies to float32, float16 and bfloat16 "
                                    f"tensors with op SUM or AVG (got {sb.dtype}, {op.name})")
-            if inp.size and not (np.isfinite(inp.min()) and np.isfinite(inp.max())):
+            if not codecs.all_finite(inp):
                 bad = int(np.flatnonzero(~np.isfinite(inp))[0])
                 error = f"quantized all-reduce input contains NaN/inf (first at index {bad})"
         deadline = time.monotonic() + (self.config.op_timeout if timeout is None else timeout)

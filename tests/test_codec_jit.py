@@ -1,0 +1,188 @@
+"""The compiled codec kernels (algorithms/codec_jit.py) against the numpy reference: same bytes,
+same bits, same errors; and when the kernels load (lazily, in the background, never for small
+chunks, not at all with PCCL_CODEC_JIT=0)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pccl.algorithms import codecs as C
+from pccl.enums import Quantization as Q
+from pccl.errors import InvalidUsage
+
+JIT_CODECS = [Q.UINT8, Q.INT8, Q.FP4]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert C.load_kernels(), f"the compiled kernels did not load: {C.KERNELS.error!r}"
+
+
+@contextlib.contextmanager
+def path(compiled: bool):
+    """Force the compiled kernels (for any chunk size) or the numpy reference."""
+    saved_module, saved_after = C.KERNELS.module, C.JIT_AFTER
+    if compiled:
+        C.JIT_AFTER = 0
+    else:
+        C.KERNELS.module = None
+        C.JIT_AFTER = 1 << 62
+    try:
+        yield
+    finally:
+        C.KERNELS.module, C.JIT_AFTER = saved_module, saved_after
+
+
+def both(fn):
+    with path(False):
+        ref = fn()
+    with path(True):
+        got = fn()
+    return ref, got
+
+
+def bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).view(np.uint8).tobytes()
+
+
+def check_identical(codec: Q, x: np.ndarray) -> None:
+    enc_ref, enc_got = both(lambda: C.encode(codec, x))
+    assert bits(enc_ref) == bits(enc_got), "encoded bytes differ"
+    for blob in (enc_ref, bytes(enc_ref)):  # writable array and read-only bytes from the network
+        dec_ref, dec_got = both(lambda: C.decode(codec, blob))
+        assert bits(dec_ref) == bits(dec_got), "decoded bits differ"
+        acc = np.random.default_rng(x.size).standard_normal(x.size).astype(np.float32)
+
+        def add(acc=acc, blob=blob):
+            a = acc.copy()
+            C.decode_add(codec, blob, a)
+            return a
+        add_ref, add_got = both(add)
+        assert bits(add_ref) == bits(add_got), "decode_add bits differ"
+
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+arrays = hnp.arrays(np.float32, st.integers(1, 700), elements=finite32)
+
+
+@pytest.mark.parametrize("codec", JIT_CODECS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=arrays, scale=st.sampled_from([1.0, 1e-30, 1e-3, 1e3, 1e30]))
+def test_compiled_kernels_match_the_reference_bit_for_bit(codec, x, scale):
+    with np.errstate(over="ignore", under="ignore"):
+        x = (x * np.float32(scale)).astype(np.float32)
+    x[~np.isfinite(x)] = 1.0
+    try:
+        with path(False):
+            C.encode(codec, x)
+    except InvalidUsage:  # too close to the float32 limit for this codec: both must say so
+        with path(True), pytest.raises(InvalidUsage):
+            C.encode(codec, x)
+        return
+    check_identical(codec, x)
+
+
+@pytest.mark.parametrize("codec", JIT_CODECS)
+@pytest.mark.parametrize("case", ["normal", "positive", "negative", "constant", "zeros", "negzeros", "mixedzeros",
+                                  "subnormal", "ties", "odd", "huge"])
+def test_hand_picked_chunks_match(codec, case):
+    rng = np.random.default_rng(7)
+    n = 128 * 9 + 77
+    x = rng.standard_normal(n).astype(np.float32)
+    if case == "positive":
+        x = np.abs(x) + 1
+    elif case == "negative":
+        x = -np.abs(x) - 1
+    elif case == "constant":
+        x[:] = -3.25
+    elif case == "zeros":
+        x[:] = 0.0
+    elif case == "negzeros":
+        x[:] = -0.0
+    elif case == "mixedzeros":
+        x[:] = 0.0
+        x[::3] = -0.0
+    elif case == "subnormal":
+        x *= np.float32(1e-40)
+    elif case == "ties":
+        x = (np.arange(n) % 255 - 127).astype(np.float32) * np.float32(0.5)  # exact .5 multiples of the step
+    elif case == "odd":
+        x = x[:n - 2 * (n % 2 == 0)]
+    elif case == "huge":
+        x *= np.float32(1e36)
+    check_identical(codec, x)
+    if case == "negzeros" and codec is Q.UINT8:
+        with path(True):
+            assert bits(C.roundtrip(codec, x)) == bits(x)  # a constant chunk is exact, sign included
+
+
+@pytest.mark.parametrize("codec", JIT_CODECS)
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_refused_the_same_way(codec, bad):
+    x = np.linspace(-1, 1, 1000, dtype=np.float32)
+    x[617] = bad
+    msgs = []
+    for compiled in (False, True):
+        with path(compiled), pytest.raises(InvalidUsage, match="NaN/inf at index 617") as info:
+            C.encode(codec, x)
+        msgs.append(str(info.value))
+    assert msgs[0] == msgs[1]
+    with path(True):
+        assert not C.all_finite(x)
+    x[617] = 0.5
+    with path(True):
+        assert C.all_finite(x)
+
+
+def test_minmax_agrees_on_signed_zeros_and_extremes():
+    cases = [[1, 2, 3], [-0.0, 0.0], [0.0, -0.0], [-0.0, -0.0], [-5, -1], [3e38, -3e38], [1e-45, -1e-45],
+             [-np.inf, 1], [1, np.inf]]
+    for v in cases:
+        x = np.array(v, np.float32)
+        ref, got = both(lambda x=x: C._minmax(x))
+        assert [bits(np.float32(a)) for a in ref] == [bits(np.float32(a)) for a in got], v
+    for v in ([np.nan, 1], [1, -np.nan]):
+        ref, got = both(lambda v=v: C._minmax(np.array(v, np.float32)))
+        assert np.isnan(ref).all() and np.isnan(got).all()
+
+
+def _python(code: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, **env))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_small_chunks_never_load_numba_and_a_large_one_loads_it_in_the_background():
+    code = """
+import sys, numpy as np
+from pccl.algorithms import codecs as C
+x = np.ones(C.JIT_AFTER - 1, np.float32)
+C.decode(C.Q.UINT8, C.encode(C.Q.UINT8, x))
+print("numba" in sys.modules, C.KERNELS.module is not None)
+y = np.ones(C.JIT_AFTER, np.float32)
+first = C.encode(C.Q.FP4, y)  # starts the loader, runs the numpy code meanwhile
+print(C.load_kernels(), "numba" in sys.modules)
+print(bytes(first) == bytes(C.encode(C.Q.FP4, y)))
+"""
+    assert _python(code).split() == ["False", "False", "True", "True", "True"]
+
+
+def test_pccl_codec_jit_0_keeps_the_numpy_reference():
+    code = """
+import sys, numpy as np
+from pccl.algorithms import codecs as C
+y = np.linspace(-2, 2, C.JIT_AFTER, dtype=np.float32)
+enc = C.encode(C.Q.UINT8, y)
+print(C.load_kernels(5), "numba" in sys.modules, repr(C.KERNELS.error))
+print(np.abs(C.decode(C.Q.UINT8, enc) - y).max() <= float(enc[12:16].view(np.float32)[0]) / 2 * 1.001)
+"""
+    assert _python(code, PCCL_CODEC_JIT="0").splitlines() == ["False False ImportError('PCCL_CODEC_JIT=0')", "True"]
