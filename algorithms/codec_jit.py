@@ -40,8 +40,9 @@ def minmax_keys(xbits):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
-def enc_affine(x, q, zp, s, off, qmin, qmax):  # pragma: no cover - compiled
-    """q = clip(rint((x - off) / s) + zp, qmin, qmax); ``off`` and ``zp`` only when non-zero."""
+def enc_affine(x, q, zp, s, off, qmin, qmax, adopt):  # pragma: no cover - compiled
+    """q = clip(rint((x - off) / s) + zp, qmin, qmax); ``off`` and ``zp`` only when non-zero.
+    ``adopt``: also overwrite x with what q decodes to, (q - zp) * s + off (see dec_uint8)."""
     s32, off32, zp32 = np.float32(s), np.float32(off), np.float32(zp)
     lo32, hi32 = np.float32(qmin), np.float32(qmax)
     use_off, use_zp = off != 0.0, zp != 0
@@ -57,6 +58,14 @@ def enc_affine(x, q, zp, s, off, qmin, qmax):  # pragma: no cover - compiled
         elif t > hi32:
             t = hi32
         q[i] = np.int32(t)
+        if adopt:  # t is the code as a float32 (exact), but -0.0 must become the integer 0's +0.0
+            t = t + _F0
+            if use_zp:
+                t = t - zp32
+            t = t * s32
+            if use_off:
+                t = t + off32
+            x[i] = t
 
 
 @numba.njit(**_JIT)
@@ -89,9 +98,10 @@ def dec_int8(q, s, dst, add):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
-def enc_fp4(x, xbits, scales, sbits, packed, y, ybits, nib):  # pragma: no cover - compiled
+def enc_fp4(x, xbits, scales, sbits, packed, y, ybits, nib, table, adopt):  # pragma: no cover - compiled
     """Block-scaled E3M0 (codecs module docstring). ``xbits``/``sbits``/``ybits`` are uint32 views
     of ``x``/``scales``/``y``; ``y`` (float32) and ``nib`` (uint8) are 128-value scratch blocks.
+    ``adopt``: also overwrite x with the decoded values, table[nibble] * scale (see dec_fp4).
     Returns False at once on NaN/inf input. Branch-free inner loops, so they vectorize."""
     n = x.size
     for b in range((n + 127) // 128):
@@ -115,6 +125,10 @@ def enc_fp4(x, xbits, scales, sbits, packed, y, ybits, nib):  # pragma: no cover
             nib[m] = 0
         for p in range((m + 1) // 2):
             packed[i0 // 2 + p] = (nib[2 * p] << np.uint8(4)) | nib[2 * p + 1]
+        if adopt:
+            sb = scales[b]
+            for i in range(m):
+                x[i0 + i] = table[nib[i]] * sb
     return True
 
 
@@ -143,16 +157,19 @@ def dec_fp4(scales, packed, table, dst, add):  # pragma: no cover - compiled
 
 def warm_up() -> None:
     """Compile (or load from the cache) every specialization ``codecs`` calls, so that no lane
-    thread ever compiles: writable and read-only payloads, int8 and uint8 codes, add or not."""
+    thread ever compiles: writable and read-only payloads, int8 and uint8 codes, add/adopt or not."""
     u8, i8 = np.zeros(300, np.uint8), np.zeros(300, np.int8)
     scales, packed, y, nib = np.zeros(3, np.float32), np.zeros(150, np.uint8), np.zeros(128, np.float32), \
         np.zeros(129, np.uint8)
-    for x in (np.linspace(-1.0, 1.0, 300, dtype=np.float32), np.frombuffer(bytes(1200), np.float32)):
-        minmax_keys(x.view(np.int32))
-        enc_affine(x, u8, 3, 0.01, 0.0, 0, 255)
-        enc_affine(x, i8, 0, 0.01, 0.0, -127, 127)
-        enc_fp4(x, x.view(np.uint32), scales, scales.view(np.uint32), packed, y, y.view(np.uint32), nib)
     table = np.zeros(16, np.float32)
+    x = np.linspace(-1.0, 1.0, 300, dtype=np.float32)  # (codecs encodes read-only input with numpy)
+    for adopt in (False, True):
+        enc_affine(x, u8, 3, 0.01, 0.0, 0, 255, adopt)
+        enc_affine(x, i8, 0, 0.01, 0.0, -127, 127, adopt)
+        enc_fp4(x, x.view(np.uint32), scales, scales.view(np.uint32), packed, y, y.view(np.uint32), nib, table,
+                adopt)
+    for xs in (x, np.frombuffer(bytes(1200), np.float32)):
+        minmax_keys(xs.view(np.int32))
     dst = np.zeros(300, np.float32)
     for ro in (False, True):
         a, b, c, s = (np.frombuffer(v.tobytes(), v.dtype) if ro else v for v in (u8, i8, packed, scales))

@@ -367,9 +367,27 @@ def encode(codec: Q | str, x: np.ndarray, out: np.ndarray | None = None) -> np.n
     least ``encoded_size`` bytes, NaN/inf in x (all codecs but NONE), or values too large for the
     codec (FP16 |x| >= 65520, BF16 |x| >= ~3.39e38, UINT8/INT8 |x| within ~1 % of float32 max).
     """
+    return _encode(_codec(codec), np.ascontiguousarray(_f32_vector(x, "encode input")), out, False)[0]
+
+
+def adopt(codec: Q | str, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The chunk owner's step: encode ``x`` (into ``out`` when given) and overwrite ``x`` with
+    decode of those bytes; returns the bytes. Same result as ``encode`` then ``decode(out=x)``, in
+    one fused pass where the compiled kernels run. ``x`` must be a writable contiguous 1-D float32
+    array; raises like ``encode`` (x is then unspecified: FP4 finds NaN/inf block by block)."""
     codec = _codec(codec)
-    x = np.ascontiguousarray(_f32_vector(x, "encode input"))
+    x = _f32_vector(x, "adopt input", writable=True)
+    buf, done = _encode(codec, x, out, True)
+    if not done:
+        decode(codec, buf, out=x)
+    return buf
+
+
+def _encode(codec: Q, x: np.ndarray, out: np.ndarray | None, adopt: bool) -> tuple[np.ndarray, bool]:
+    """encode(); with ``adopt``, a compiled kernel may also write the decoded values into x:
+    returns (bytes, whether it did)."""
     n = x.size
+    done = False
     size = encoded_size(codec, n)
     if out is None:
         buf = np.empty(size, np.uint8)
@@ -398,31 +416,33 @@ def encode(codec: Q | str, x: np.ndarray, out: np.ndarray | None = None) -> np.n
         elif codec is Q.FP4:
             nb = -(-n // FP4_BLOCK)
             scales, packed = payload[: 4 * nb].view(_LE_F32), payload[4 * nb :]
-            jit = KERNELS.get(n)
+            jit = KERNELS.get(n) if x.flags.writeable else None  # compiled for writable x only
             if jit is None:
                 _enc_fp4(x, scales, packed)
             else:
                 y, nib = np.empty(FP4_BLOCK, np.float32), np.empty(FP4_BLOCK + 1, np.uint8)
                 if not jit.enc_fp4(x, x.view(np.uint32), scales, scales.view(np.uint32), packed, y,
-                                   y.view(np.uint32), nib):
+                                   y.view(np.uint32), nib, _FP4_NIBBLE, adopt):
                     _raise_nonfinite(x)
+                done = adopt
         else:
             zp, s, off = _affine_params(codec, lo, hi)
             if _param_error(codec, zp, s, off):
                 raise InvalidUsage(f"values too close to the float32 limit for {codec.value} "
                                    f"quantization (range [{lo}, {hi}])")
-            jit = KERNELS.get(n)
+            jit = KERNELS.get(n) if x.flags.writeable else None  # compiled for writable x only
             if s == 0.0:  # all zero (INT8) or constant (UINT8: decodes to the offset)
                 payload[:] = 0
             elif jit is not None:
                 q = payload.view(np.int8) if codec is Q.INT8 else payload
-                jit.enc_affine(x, q, zp, s, off, *((-127, 127) if codec is Q.INT8 else (0, 255)))
+                jit.enc_affine(x, q, zp, s, off, *((-127, 127) if codec is Q.INT8 else (0, 255)), adopt)
+                done = adopt
             elif codec is Q.INT8:
                 _enc_affine(x, payload.view(np.int8), 0, s, 0.0, -127, 127)
             else:
                 _enc_affine(x, payload, zp, s, off, 0, 255)
     HEADER.pack_into(buf, 0, WIRE_VERSION, CODEC_IDS[codec], zp, 0, n, s, off)
-    return buf
+    return buf, done
 
 
 def _parse(codec: Q, buf: Buffer, expected_n: int | None) -> _Parsed:

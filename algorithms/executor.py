@@ -297,8 +297,7 @@ class RingJob(LaneJob):
             if step.final:
                 kernels.finalize(self.op, target, self.plan.world)
                 # The owner adopts decode(encode(x)) and keeps the bytes the all-gather forwards.
-                enc = codecs.encode(self.codec, target, out=self._slots[(step.recv_chunk, j)])
-                codecs.decode(self.codec, enc, out=target)
+                enc = codecs.adopt(self.codec, target, out=self._slots[(step.recv_chunk, j)])
                 self.encoded[(step.recv_chunk, j)] = enc
         else:
             enc = self._slots[(step.recv_chunk, j)]

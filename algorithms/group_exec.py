@@ -209,8 +209,7 @@ class GroupJob(LaneJob):
                 target = self.out[lo:hi]
                 kernels.finalize(self.op, target, self.plan.world)
                 if self.codec is not None:
-                    enc = codecs.encode(self.codec, target, out=self._slots[(-1, p)])
-                    codecs.decode(self.codec, enc, out=target)
+                    enc = codecs.adopt(self.codec, target, out=self._slots[(-1, p)])
                     self.encoded[p] = enc
             self._finalized = True
 

@@ -1,5 +1,5 @@
 """The compiled codec kernels (algorithms/codec_jit.py) against the numpy reference: same bytes,
-same bits, same errors; and when the kernels load (lazily, in the background, never for small
+same bits (encode, decode, decode_add, the owner's fused adopt), same errors; and when the kernels load (lazily, in the background, never for small
 chunks, not at all with PCCL_CODEC_JIT=0)."""
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def bits(a: np.ndarray) -> bytes:
 def check_identical(codec: Q, x: np.ndarray) -> None:
     enc_ref, enc_got = both(lambda: C.encode(codec, x))
     assert bits(enc_ref) == bits(enc_got), "encoded bytes differ"
+
+    def adopt():
+        y = x.copy()
+        return C.adopt(codec, y), y
+    (a_enc_ref, a_ref), (a_enc_got, a_got) = both(adopt)  # the owner's fused encode + decode
+    assert bits(a_enc_ref) == bits(a_enc_got) == bits(enc_ref), "adopt's bytes differ"
+    assert bits(a_ref) == bits(a_got) == bits(C.decode(codec, enc_ref)), "adopted values differ"
     for blob in (enc_ref, bytes(enc_ref)):  # writable array and read-only bytes from the network
         dec_ref, dec_got = both(lambda: C.decode(codec, blob))
         assert bits(dec_ref) == bits(dec_got), "decoded bits differ"
