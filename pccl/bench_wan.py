@@ -69,9 +69,10 @@ def _peer(args) -> None:
         if args.index == 0:
             print(json.dumps({"event": "codec_kernels", "compiled": jit,
                               "why_not": None if jit else repr(codecs.KERNELS.error)}), flush=True)
-    for c in comms:  # warm-up: links, page faults of the buffers
-        np.copyto(buf, data)
-        c.all_reduce(buf, op=pccl.ReduceOp.AVG)
+    for c in comms:  # warm-up, one op per mode: links, and the pooled buffers each mode keeps
+        for q in modes:
+            np.copyto(buf, data)
+            c.all_reduce(buf, op=pccl.ReduceOp.AVG, quantization=pccl.Quantization(q), timeout=args.timeout)
     for trial in range(args.repeats):
         for c, k in zip(comms, ks):
             for q in modes:
