@@ -111,7 +111,7 @@ class _Kernels:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
 
     def get(self, n: int):
         """The kernel module, or None (not loaded yet, unavailable, or a chunk below JIT_AFTER)."""
@@ -120,16 +120,16 @@ class _Kernels:
         return self.module
 
     def start(self) -> None:
+        """Start the loader once per process (a daemon thread that ends by itself)."""
         with self._lock:
-            if self._thread is not None:
+            if self._started:
                 return
+            self._started = True
             if os.environ.get("PCCL_CODEC_JIT", "1") == "0":
                 self.error = ImportError("PCCL_CODEC_JIT=0")
                 self._done.set()
-                self._thread = threading.current_thread()  # marks "started", nothing to join
                 return
-            self._thread = threading.Thread(target=self._load, name="pccl-codec-jit", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._load, name="pccl-codec-jit", daemon=True).start()
 
     def _load(self) -> None:
         try:
@@ -150,6 +150,19 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while the loader ran has no loader thread, maybe a held lock, and numba
+    half-imported in sys.modules (a retry fails on it): it keeps the numpy codecs, says why, and
+    never waits for a loader that does not exist."""
+    if KERNELS.module is None and KERNELS._started and not KERNELS._done.is_set():
+        KERNELS._lock = threading.Lock()
+        KERNELS.error = RuntimeError("forked while the codec kernels were loading: numpy codecs here")
+        KERNELS._done.set()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load_kernels(timeout: float = 300.0) -> bool:

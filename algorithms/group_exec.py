@@ -77,14 +77,12 @@ class GroupJob(LaneJob):
             self._slots = EncodedSlots(self.codec, {(x, p): n for x in plan.members if x != plan.rank
                                                     for p, n in pieces} | {(-1, p): n for p, n in pieces},
                                        pool, self.pooled)
-        if j is not None:
+        elif j is not None:  # raw values, one buffer per member
             lo, hi = plan.shards[j]
             for x in plan.members:
                 if x == plan.rank:
                     continue
-                if self.codec is not None:  # encoded pieces in slots (x, p),
-                    continue
-                elif pool is not None:  # or raw values
+                if pool is not None:
                     raw = pool.take((hi - lo) * out.dtype.itemsize)
                     self.pooled.append(raw)
                     self._bufs[x] = raw.view(out.dtype)

@@ -193,3 +193,21 @@ print(C.load_kernels(5), "numba" in sys.modules, repr(C.KERNELS.error))
 print(np.abs(C.decode(C.Q.UINT8, enc) - y).max() <= float(enc[12:16].view(np.float32)[0]) / 2 * 1.001)
 """
     assert _python(code, PCCL_CODEC_JIT="0").splitlines() == ["False False ImportError('PCCL_CODEC_JIT=0')", "True"]
+
+
+def test_a_child_forked_while_the_kernels_load_keeps_numpy_and_does_not_wait():
+    code = """
+import os, sys, time, numpy as np
+from pccl.algorithms import codecs as C
+C.KERNELS.start()  # the loader thread is busy importing numba when we fork
+pid = os.fork()
+if pid == 0:
+    t = time.monotonic()
+    ok = C.load_kernels(60)
+    x = np.linspace(-1, 1, C.JIT_AFTER, dtype=np.float32)
+    good = C.decode(C.Q.UINT8, C.encode(C.Q.UINT8, x)).shape == x.shape
+    os._exit(0 if not ok and good and time.monotonic() - t < 5 and "forked" in str(C.KERNELS.error) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), C.load_kernels(240))
+"""
+    assert _python(code) == "0 True"
