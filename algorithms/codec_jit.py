@@ -1,4 +1,5 @@
-"""Compiled (numba) kernels for :mod:`algorithms.codecs`: the same float32 arithmetic, fused.
+"""Compiled (numba) kernels for :mod:`algorithms.codecs`: the same float32 arithmetic, fused
+(every codec but NONE: UINT8, INT8, FP4, FP16, BF16).
 
 The numpy code in ``codecs`` is the reference: every kernel here performs, per element, the very
 same sequence of IEEE float32 operations (division, round-half-to-even, one multiply, at most one
@@ -155,6 +156,59 @@ def dec_fp4(scales, packed, table, dst, add):  # pragma: no cover - compiled
             dst[i0 + m - 1] = dst[i0 + m - 1] + v0 if add else v0
 
 
+@numba.njit(**_JIT)
+def enc_bf16(xbits, u16, adopt):  # pragma: no cover - compiled
+    """u16 = (b + 0x7FFF + ((b >> 16) & 1)) >> 16 (round to nearest even on the bits); ``adopt``:
+    also set x's bits to u16 << 16, the decoded value."""
+    for i in range(xbits.size):
+        b = xbits[i]
+        h = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        u16[i] = np.uint16(h)
+        if adopt:
+            xbits[i] = h << np.uint32(16)
+
+
+@numba.njit(**_JIT)
+def dec_bf16(u16, dst, add):  # pragma: no cover - compiled
+    """dst = the float32 with bits u16 << 16 (dst += that when ``add``)."""
+    for i in range(dst.size):
+        v = np.uint32(np.uint32(u16[i]) << np.uint32(16)).view(np.float32)
+        dst[i] = dst[i] + v if add else v
+
+
+@numba.njit(**_JIT)
+def _fp16_value(h):  # pragma: no cover - compiled
+    """What codecs decodes an fp16 code to: magnitude bits << 13 as a float32, times 2^112, with
+    the sign bit or-ed in afterwards."""
+    m = np.float32(np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112))
+    return np.uint32(m.view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@numba.njit(**_JIT)
+def enc_fp16(x, xbits, u16, adopt):  # pragma: no cover - compiled
+    """numpy's float32 -> float16 cast, bit for bit, as codecs._enc_fp16 does it: |x| + C - C
+    with C = 2^(exponent + 13) rounds |x| to the fp16 ulp (RNE), times 2^-112 rebiases; ``adopt``
+    also writes the decoded value back into x."""
+    for i in range(xbits.size):
+        b = xbits[i]
+        a = np.uint32(b & np.uint32(0x7FFFFFFF))
+        c = np.uint32(min(max(a & np.uint32(0x7F800000), np.uint32(113 << 23)), np.uint32(0x7F000000))
+                      + np.uint32(13 << 23))
+        cf = c.view(np.float32)
+        r = np.float32(np.float32(np.float32(a.view(np.float32) + cf) - cf) * np.float32(2.0 ** -112))
+        h = np.uint32((r.view(np.uint32) >> np.uint32(13)) | ((b >> np.uint32(16)) & np.uint32(0x8000)))
+        u16[i] = np.uint16(h)
+        if adopt:
+            x[i] = _fp16_value(h)
+
+
+@numba.njit(**_JIT)
+def dec_fp16(u16, dst, add):  # pragma: no cover - compiled
+    for i in range(dst.size):
+        v = _fp16_value(np.uint32(u16[i]))
+        dst[i] = dst[i] + v if add else v
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every specialization ``codecs`` calls, so that no lane
     thread ever compiles: writable and read-only payloads, int8 and uint8 codes, add/adopt or not."""
@@ -170,10 +224,17 @@ def warm_up() -> None:
                 adopt)
     for xs in (x, np.frombuffer(bytes(1200), np.float32)):
         minmax_keys(xs.view(np.int32))
+    h16 = np.zeros(300, np.uint16)
+    for adopt in (False, True):
+        enc_bf16(x.view(np.uint32), h16, adopt)
+        enc_fp16(x, x.view(np.uint32), h16, adopt)
     dst = np.zeros(300, np.float32)
     for ro in (False, True):
         a, b, c, s = (np.frombuffer(v.tobytes(), v.dtype) if ro else v for v in (u8, i8, packed, scales))
+        h = np.frombuffer(h16.tobytes(), np.uint16) if ro else h16
         for add in (False, True):
+            dec_bf16(h, dst, add)
+            dec_fp16(h, dst, add)
             dec_uint8(a, 3, 0.01, 0.0, dst, add)
             dec_int8(b, 0.01, dst, add)
             dec_fp4(s, c, table, dst, add)

@@ -37,7 +37,7 @@ Codecs (``pccl.enums.Quantization``)
   sign is kept only when k > 0), x' = +-s_b * 2^(k-7). Two nibbles a byte, first element in the high
   nibble; for odd n the last low nibble is 0. Nibble 0x8 is never written and reads as 0.
 
-Speed: UINT8, INT8 and FP4 have compiled twins in :mod:`algorithms.codec_jit` (numba), bit-identical
+Speed: every codec but NONE has compiled twins in :mod:`algorithms.codec_jit` (numba), bit-identical
 to the numpy code here, which stays the reference and the fallback. They load in a background
 thread the first time a process codes a chunk of >= ``JIT_AFTER`` values (importing numba takes
 seconds); until then, and where numba is missing or ``PCCL_CODEC_JIT=0``, the numpy code runs.
@@ -100,7 +100,7 @@ Buffer = bytes | bytearray | memoryview | np.ndarray
 
 #: chunks of at least this many values start loading the compiled kernels (smaller ones never pay)
 JIT_AFTER = 1 << 18
-_JIT_CODECS = frozenset({Q.UINT8, Q.INT8, Q.FP4})
+_JIT_CODECS = frozenset({Q.UINT8, Q.INT8, Q.FP4, Q.FP16, Q.BF16})
 
 
 class _Kernels:
@@ -422,14 +422,20 @@ def _encode(codec: Q, x: np.ndarray, out: np.ndarray | None, adopt: bool) -> tup
             i = int(np.flatnonzero(np.abs(x) >= limit)[0])
             raise InvalidUsage(f"value {x[i]} at index {i} overflows {codec.value} (|x| must be "
                                f"< {limit:.6g}); scale the input or use another codec")
-        if codec is Q.FP16:
+        jit = KERNELS.get(n) if x.flags.writeable else None  # compiled for writable x only
+        if codec is Q.FP16 and jit is not None:
+            jit.enc_fp16(x, x.view(np.uint32), payload.view(_LE_U16), adopt)
+            done = adopt
+        elif codec is Q.BF16 and jit is not None:
+            jit.enc_bf16(x.view(np.uint32), payload.view(_LE_U16), adopt)
+            done = adopt
+        elif codec is Q.FP16:
             _enc_fp16(x, payload.view(_LE_U16))
         elif codec is Q.BF16:
             _enc_bf16(x, payload.view(_LE_U16))
         elif codec is Q.FP4:
             nb = -(-n // FP4_BLOCK)
             scales, packed = payload[: 4 * nb].view(_LE_F32), payload[4 * nb :]
-            jit = KERNELS.get(n) if x.flags.writeable else None  # compiled for writable x only
             if jit is None:
                 _enc_fp4(x, scales, packed)
             else:
@@ -443,7 +449,6 @@ def _encode(codec: Q, x: np.ndarray, out: np.ndarray | None, adopt: bool) -> tup
             if _param_error(codec, zp, s, off):
                 raise InvalidUsage(f"values too close to the float32 limit for {codec.value} "
                                    f"quantization (range [{lo}, {hi}])")
-            jit = KERNELS.get(n) if x.flags.writeable else None  # compiled for writable x only
             if s == 0.0:  # all zero (INT8) or constant (UINT8: decodes to the offset)
                 payload[:] = 0
             elif jit is not None:
@@ -556,6 +561,8 @@ def _decode_jit(p: _Parsed, dst: np.ndarray, add: bool) -> bool:
         jit.dec_uint8(pay, p.zp, p.scale, p.offset, dst, add)
     elif p.codec is Q.INT8:
         jit.dec_int8(pay.view(np.int8), p.scale, dst, add)
+    elif p.codec in (Q.FP16, Q.BF16):
+        (jit.dec_fp16 if p.codec is Q.FP16 else jit.dec_bf16)(pay.view(_LE_U16), dst, add)
     else:
         nb = -(-p.n // FP4_BLOCK)
         jit.dec_fp4(pay[: 4 * nb].view(_LE_F32), pay[4 * nb :], _FP4_NIBBLE, dst, add)
