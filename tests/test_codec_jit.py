@@ -219,3 +219,42 @@ _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status), C.load_kernels(240))
 """
     assert _python(code) == "0 True"
+
+
+PEER = """
+import hashlib, json, sys
+import numpy as np
+import pccl
+from pccl.algorithms import codecs as C
+compiled = C.load_kernels(240)
+c = pccl.Communicator(sys.argv[1]).connect()
+while c.world_size < 2:
+    c.update_topology()
+out = {"compiled": compiled, "digests": {}}
+for q in ("uint8", "int8", "fp4", "fp16", "bf16"):
+    x = np.random.default_rng(c.rank + 7).standard_normal(3 * C.JIT_AFTER + 5).astype(np.float32)
+    c.all_reduce(x, op=pccl.ReduceOp.AVG, quantization=pccl.Quantization(q), timeout=120)
+    out["digests"][q] = hashlib.sha256(x.tobytes()).hexdigest()
+c.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_with_compiled_kernels_and_one_without_end_bit_identical():
+    """The kernels are an implementation detail: a peer running numpy codecs (PCCL_CODEC_JIT=0)
+    and one running the compiled kernels reduce to the same bits, in every codec."""
+    import json
+
+    import pccl
+
+    with pccl.Master("127.0.0.1", 0) as m:
+        procs = [subprocess.Popen([sys.executable, "-c", PEER, m.address], stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, PCCL_CODEC_JIT=flag)) for flag in ("1", "0")]
+        try:
+            outs = [json.loads(p.communicate(timeout=240)[0]) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+    assert [o["compiled"] for o in outs] == [True, False]
+    assert outs[0]["digests"] == outs[1]["digests"]
