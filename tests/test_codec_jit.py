@@ -76,6 +76,16 @@ def check_identical(codec: Q, x: np.ndarray) -> None:
         assert bits(add_ref) == bits(add_got), "decode_add bits differ"
 
 
+def refused_alike(codec: Q, x: np.ndarray, match: str) -> None:
+    """Both paths raise InvalidUsage for x, with the same message."""
+    msgs = []
+    for compiled in (False, True):
+        with path(compiled), pytest.raises(InvalidUsage, match=match) as info:
+            C.encode(codec, x)
+        msgs.append(str(info.value))
+    assert msgs[0] == msgs[1]
+
+
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 arrays = hnp.arrays(np.float32, st.integers(1, 700), elements=finite32)
 
@@ -126,12 +136,7 @@ def test_hand_picked_chunks_match(codec, case):
     elif case == "huge":
         x *= np.float32(1e36)
     if codec is Q.FP16 and case == "huge":  # beyond float16: both paths refuse it the same way
-        msgs = []
-        for compiled in (False, True):
-            with path(compiled), pytest.raises(InvalidUsage, match="overflows fp16") as info:
-                C.encode(codec, x)
-            msgs.append(str(info.value))
-        assert msgs[0] == msgs[1]
+        refused_alike(codec, x, "overflows fp16")
         return
     check_identical(codec, x)
     if case == "negzeros" and codec is Q.UINT8:
@@ -144,12 +149,7 @@ def test_hand_picked_chunks_match(codec, case):
 def test_non_finite_input_is_refused_the_same_way(codec, bad):
     x = np.linspace(-1, 1, 1000, dtype=np.float32)
     x[617] = bad
-    msgs = []
-    for compiled in (False, True):
-        with path(compiled), pytest.raises(InvalidUsage, match="NaN/inf at index 617") as info:
-            C.encode(codec, x)
-        msgs.append(str(info.value))
-    assert msgs[0] == msgs[1]
+    refused_alike(codec, x, "NaN/inf at index 617")
     with path(True):
         assert not C.all_finite(x)
     x[617] = 0.5
