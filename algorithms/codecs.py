@@ -114,7 +114,8 @@ class _Kernels:
         self._started = False
 
     def get(self, n: int):
-        """The kernel module, or None (not loaded yet, unavailable, or a chunk below JIT_AFTER)."""
+        """The kernel module once loaded (then for chunks of any size), else None; a chunk of
+        >= JIT_AFTER values starts the loader."""
         if self.module is None and n >= JIT_AFTER:
             self.start()
         return self.module
