@@ -43,7 +43,7 @@ def minmax_keys(xbits):  # pragma: no cover - compiled
 @numba.njit(**_JIT)
 def enc_affine(x, q, zp, s, off, qmin, qmax, adopt):  # pragma: no cover - compiled
     """q = clip(rint((x - off) / s) + zp, qmin, qmax); ``off`` and ``zp`` only when non-zero.
-    ``adopt``: also overwrite x with what q decodes to, (q - zp) * s + off (see dec_uint8)."""
+    ``adopt``: also overwrite x with what q decodes to, (q - zp) * s + off (see dec_affine)."""
     s32, off32, zp32 = np.float32(s), np.float32(off), np.float32(zp)
     lo32, hi32 = np.float32(qmin), np.float32(qmax)
     use_off, use_zp = off != 0.0, zp != 0
@@ -70,8 +70,9 @@ def enc_affine(x, q, zp, s, off, qmin, qmax, adopt):  # pragma: no cover - compi
 
 
 @numba.njit(**_JIT)
-def dec_uint8(q, zp, s, off, dst, add):  # pragma: no cover - compiled
-    """dst = (q - zp) * s + off as float32 (the reference's op order); dst += that when ``add``."""
+def dec_affine(q, zp, s, off, dst, add):  # pragma: no cover - compiled
+    """dst = (q - zp) * s + off as float32 (the reference's op order; zp and off only when
+    non-zero, so INT8 is q * s); dst += that when ``add``. ``q``: uint8 or int8 codes."""
     s32, off32, zp32 = np.float32(s), np.float32(off), np.float32(zp)
     use_off, use_zp = off != 0.0, zp != 0
     for i in range(dst.size):
@@ -81,17 +82,6 @@ def dec_uint8(q, zp, s, off, dst, add):  # pragma: no cover - compiled
         v = v * s32
         if use_off:
             v = v + off32
-        if add:
-            dst[i] = dst[i] + v
-        else:
-            dst[i] = v
-
-
-@numba.njit(**_JIT)
-def dec_int8(q, s, dst, add):  # pragma: no cover - compiled
-    s32 = np.float32(s)
-    for i in range(dst.size):
-        v = np.float32(q[i]) * s32
         if add:
             dst[i] = dst[i] + v
         else:
@@ -235,8 +225,8 @@ def warm_up() -> None:
         for add in (False, True):
             dec_bf16(h, dst, add)
             dec_fp16(h, dst, add)
-            dec_uint8(a, 3, 0.01, 0.0, dst, add)
-            dec_int8(b, 0.01, dst, add)
+            dec_affine(a, 3, 0.01, 0.0, dst, add)
+            dec_affine(b, 0, 0.01, 0.0, dst, add)
             dec_fp4(s, c, table, dst, add)
 
 

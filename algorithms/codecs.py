@@ -231,10 +231,16 @@ def _minmax(x: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def all_finite(x: np.ndarray) -> bool:
-    """Whether a 1-D float32 array holds no NaN/inf (one min/max scan, compiled when loaded)."""
-    lo, hi = _minmax(np.ascontiguousarray(_f32_vector(x, "input")))
-    return bool(np.isfinite(lo) and np.isfinite(hi))
+def first_nonfinite(x: np.ndarray) -> int | None:
+    """Index of the first NaN/inf of a 1-D float32 array, None when there is none: one min/max
+    scan (compiled when loaded); the index is searched only when the scan finds something."""
+    x = np.ascontiguousarray(_f32_vector(x, "input"))
+    lo, hi = _minmax(x)
+    return None if np.isfinite(lo) and np.isfinite(hi) else _nonfinite_index(x)
+
+
+def _nonfinite_index(x: np.ndarray) -> int:
+    return int(np.flatnonzero(~np.isfinite(x))[0])
 
 
 def _minmax_numpy(x: np.ndarray) -> tuple[float, float]:
@@ -369,7 +375,7 @@ def _enc_fp4(x: np.ndarray, scales: np.ndarray, packed: np.ndarray) -> None:
 
 
 def _raise_nonfinite(x: np.ndarray) -> None:
-    i = int(np.flatnonzero(~np.isfinite(x))[0])
+    i = _nonfinite_index(x)
     raise InvalidUsage(f"quantized all-reduce input contains NaN/inf at index {i} (value {x[i]}); "
                        "fix the input or use Quantization.NONE")
 
@@ -558,10 +564,8 @@ def _decode_jit(p: _Parsed, dst: np.ndarray, add: bool) -> bool:
     if jit is None:
         return False
     pay = p.payload
-    if p.codec is Q.UINT8:
-        jit.dec_uint8(pay, p.zp, p.scale, p.offset, dst, add)
-    elif p.codec is Q.INT8:
-        jit.dec_int8(pay.view(np.int8), p.scale, dst, add)
+    if p.codec in (Q.UINT8, Q.INT8):
+        jit.dec_affine(pay.view(np.int8) if p.codec is Q.INT8 else pay, p.zp, p.scale, p.offset, dst, add)
     elif p.codec in (Q.FP16, Q.BF16):
         (jit.dec_fp16 if p.codec is Q.FP16 else jit.dec_bf16)(pay.view(_LE_U16), dst, add)
     else:

@@ -65,10 +65,20 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a).cast("B") if a.size else memoryview(b"")
 
 
+def take_buffer(pool: BufferPool | None, nbytes: int, pooled: list[np.ndarray]) -> np.ndarray:
+    """A uint8 buffer for one op: from ``pool`` (and listed in ``pooled``, for the caller to give
+    back once the lanes stopped) when there is one, else a new array. Fresh buffers cost a page
+    fault per 4 KiB on every op, which on some VMs is slower than the transfer itself."""
+    if pool is None:
+        return np.empty(nbytes, np.uint8)
+    buf = pool.take(nbytes)
+    pooled.append(buf)
+    return buf
+
+
 class EncodedSlots:
-    """One buffer holding every encoded piece a quantized job keeps (its own final pieces, the
-    pieces it receives), each at a fixed slot. Taken from ``pool`` when given and then listed in
-    ``pooled``: the fresh per-piece arrays it replaces cost a page fault per 4 KiB each op."""
+    """One buffer (:func:`take_buffer`) holding every encoded piece a quantized job keeps: its own
+    final pieces, which it sends, and the pieces it receives, each at a fixed slot."""
 
     def __init__(self, codec: Quantization, counts: dict, pool: BufferPool | None,
                  pooled: list[np.ndarray]) -> None:
@@ -79,9 +89,7 @@ class EncodedSlots:
             size = codecs.encoded_size(codec, n)
             self._at[key] = (total, total + size)
             total += size
-        self.buf = pool.take(total) if pool is not None else np.empty(total, np.uint8)
-        if pool is not None:
-            pooled.append(self.buf)
+        self.buf = take_buffer(pool, total, pooled)
 
     def __getitem__(self, key) -> np.ndarray:
         lo, hi = self._at[key]
@@ -158,7 +166,6 @@ class RingJob(LaneJob):
         if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
             raise ValueError("quantized ring jobs reduce float32 with SUM or AVG")
         # encoded all-gather pieces by (chunk, piece): the owner's, then each one received
-        self.encoded: dict[tuple[int, int], np.ndarray] = {}
         self._slots = None if self.codec is None or plan.world == 1 else EncodedSlots(
             self.codec, {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
                          for lo, hi in [plan.piece(c, j)] if hi > lo}, pool, self.pooled)
@@ -238,7 +245,7 @@ class RingJob(LaneJob):
                             size = codecs.encoded_size(self.codec, hi - lo)
                             payload = _bytes(codecs.encode(self.codec, src[lo:hi], out=conn.scratch(size)))
                         else:
-                            payload = _bytes(self.encoded[(step.send_chunk, j)])
+                            payload = _bytes(self._slots[(step.send_chunk, j)])
                         hdr = framing.encode_frame(framing.FrameHeader(self.seq, step.index, j, len(payload)))
                         send_frame(sock, hdr, payload)
                         self.tx[lane] += len(payload)
@@ -297,10 +304,8 @@ class RingJob(LaneJob):
             if step.final:
                 kernels.finalize(self.op, target, self.plan.world)
                 # The owner adopts decode(encode(x)) and keeps the bytes the all-gather forwards.
-                enc = codecs.adopt(self.codec, target, out=self._slots[(step.recv_chunk, j)])
-                self.encoded[(step.recv_chunk, j)] = enc
+                codecs.adopt(self.codec, target, out=self._slots[(step.recv_chunk, j)])
         else:
             enc = self._slots[(step.recv_chunk, j)]
             recv_exact(sock, _bytes(enc))
             codecs.decode(self.codec, enc, out=target)
-            self.encoded[(step.recv_chunk, j)] = enc

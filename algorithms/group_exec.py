@@ -35,7 +35,7 @@ from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclTimeout
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import EncodedSlots, LaneJob, RingJob, _bytes, recv_header, send_frame
+from pccl.algorithms.executor import EncodedSlots, LaneJob, RingJob, _bytes, recv_header, send_frame, take_buffer
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
@@ -61,7 +61,6 @@ class GroupJob(LaneJob):
         self.max_frame, self.deadline, self.backup = max_frame, deadline, backup if out is inp else None
         self.pipeline_bytes = pipeline_bytes
         self.touched: list[tuple[int, int]] = []
-        self.encoded: dict[int, np.ndarray] = {}  # the owner's final pieces as sent (quantized)
         self.tx = self.rx = 0
         self._arrived = [0] * plan.pieces
         self._reduced = 0
@@ -82,12 +81,7 @@ class GroupJob(LaneJob):
             for x in plan.members:
                 if x == plan.rank:
                     continue
-                if pool is not None:
-                    raw = pool.take((hi - lo) * out.dtype.itemsize)
-                    self.pooled.append(raw)
-                    self._bufs[x] = raw.view(out.dtype)
-                else:
-                    self._bufs[x] = np.empty(hi - lo, dtype=out.dtype)
+                self._bufs[x] = take_buffer(pool, (hi - lo) * out.dtype.itemsize, self.pooled).view(out.dtype)
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -207,8 +201,7 @@ class GroupJob(LaneJob):
                 target = self.out[lo:hi]
                 kernels.finalize(self.op, target, self.plan.world)
                 if self.codec is not None:
-                    enc = codecs.adopt(self.codec, target, out=self._slots[(-1, p)])
-                    self.encoded[p] = enc
+                    codecs.adopt(self.codec, target, out=self._slots[(-1, p)])
             self._finalized = True
 
     def _own(self, lo: int, hi: int) -> np.ndarray:
@@ -276,7 +269,7 @@ class GroupJob(LaneJob):
                 if self.codec is None:
                     payload = _bytes((self.out if broadcast else self.inp)[lo:hi])
                 elif broadcast:
-                    payload = _bytes(self.encoded[p])
+                    payload = _bytes(self._slots[(-1, p)])
                 else:
                     size = codecs.encoded_size(self.codec, hi - lo)
                     payload = _bytes(codecs.encode(self.codec, self.inp[lo:hi], out=conn.scratch(size)))

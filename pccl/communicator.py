@@ -722,8 +722,8 @@ class Communicator:
             if inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG):
                 raise InvalidUsage(f"quantization {quantization.name} applies to float32, float16 and bfloat16 "
                                    f"tensors with op SUM or AVG (got {sb.dtype}, {op.name})")
-            if not codecs.all_finite(inp):
-                bad = int(np.flatnonzero(~np.isfinite(inp))[0])
+            bad = codecs.first_nonfinite(inp)
+            if bad is not None:
                 error = f"quantized all-reduce input contains NaN/inf (first at index {bad})"
         deadline = time.monotonic() + (self.config.op_timeout if timeout is None else timeout)
         ann = m.Announce(tag=tag, kind="all_reduce", count=int(inp.size), dtype=sb.dtype, op=op.value,

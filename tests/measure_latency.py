@@ -61,15 +61,20 @@ def measure(a, b, elems: int, ops: int) -> dict[str, float]:
         t.start()
     for t in threads:
         t.join(300)
-    me = id(a)
-    start = [s for s, _ in calls[me]]
-    end = [e for _, e in calls[me]]
+    return phases(id(a), calls[id(a)], skip=5)
+
+
+def phases(me: int, calls: list[tuple[float, float]], skip: int) -> dict[str, float]:
+    """Medians (ms) of each phase of communicator ``me``'s calls (start, end), from STAMPS,
+    leaving out the first ``skip`` calls."""
+    start = [s for s, _ in calls]
+    end = [e for _, e in calls]
     ann, com = STAMPS[(me, "Announce")], STAMPS[(me, "rx_Commence")]
     rep, ver = STAMPS[(me, "OpReport")], STAMPS[(me, "rx_Verdict")]
     n = min(map(len, (start, ann, com, rep, ver, end)))
 
     def med(x: list[float], y: list[float]) -> float:
-        return statistics.median((y[i] - x[i]) * 1e3 for i in range(5, n))
+        return statistics.median((y[i] - x[i]) * 1e3 for i in range(skip, n))
 
     return {"call→announce": med(start, ann), "announce→commence": med(ann, com), "commence→report": med(com, rep),
             "report→verdict": med(rep, ver), "verdict→return": med(ver, end), "total": med(start, end)}

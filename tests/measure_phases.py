@@ -4,16 +4,13 @@
 
 Starts a master and ``--peers`` processes. Each runs 5 warm-up ops and then ``--ops`` in-place AVG
 all-reduces of random float32 per quantization mode (the compiled codec kernels loaded first), and
-prints its medians (ms) of: call until the Announce is sent (includes the finiteness scan of a
-quantized input); Announce until the Commence arrives; Commence until its OpReport (the data
-plane); OpReport until the Verdict; and the whole call. The stamps come from
-``measure_latency._wrap`` (no library change).
+prints its medians (ms) of the phases of ``measure_latency.phases`` (call → announce includes the
+finiteness scan of a quantized input; commence → report is the data plane).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -51,16 +48,8 @@ def peer(address: str, world: int, mib: int, ops: int, modes: list[str]) -> None
             t = time.perf_counter()
             c.all_reduce(x, op=pccl.ReduceOp.AVG, quantization=q)
             calls.append((t, time.perf_counter()))
-        s = ml.STAMPS
-        marks = [[a for a, _ in calls], s[(me, "Announce")], s[(me, "rx_Commence")], s[(me, "OpReport")],
-                 s[(me, "rx_Verdict")], [b for _, b in calls]]
-        k = min(map(len, marks))
-
-        def med(i: int, j: int) -> float:
-            return round(statistics.median((marks[j][n] - marks[i][n]) * 1e3 for n in range(k)), 1)
-        out[mode] = {"call>announce": med(0, 1), "announce>commence": med(1, 2), "commence>report": med(2, 3),
-                     "report>verdict": med(3, 4), "total": med(0, 5)}
-    print(json.dumps(out), flush=True)
+        out[mode] = {k: round(v, 1) for k, v in ml.phases(me, calls, skip=0).items()}
+    print(json.dumps(out, ensure_ascii=False), flush=True)
     c.close()
 
 

@@ -150,11 +150,12 @@ def test_non_finite_input_is_refused_the_same_way(codec, bad):
     x = np.linspace(-1, 1, 1000, dtype=np.float32)
     x[617] = bad
     refused_alike(codec, x, "NaN/inf at index 617")
-    with path(True):
-        assert not C.all_finite(x)
+    for compiled in (False, True):
+        with path(compiled):
+            assert C.first_nonfinite(x) == 617
     x[617] = 0.5
     with path(True):
-        assert C.all_finite(x)
+        assert C.first_nonfinite(x) is None
 
 
 def test_minmax_agrees_on_signed_zeros_and_extremes():
