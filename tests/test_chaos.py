@@ -149,10 +149,11 @@ def _assert_clean(r: dict) -> None:
 @pytest.mark.timeout(900)  # start-up (python + torch in 4 processes) is slow on a loaded 2-core machine
 def test_mix_campaign_60s(tmp_path):
     """Kill, stop and join faults among 4 peers (2 raw all-reduce, 2 DiLoCo) for 60 s on loopback."""
-    # forked from a zygote: 82 s instead of 127 s here (cold peer starts are covered by the
-    # integration tests and by the slow soak)
+    # Cold peer starts, not --zygote: forked replacements start in 0.3 s, and in 1 of 5 runs one
+    # joined a DiLoCo cell just before its only state holder was killed, so the cell's new pair
+    # restarted revisions 1.. under the same epoch (the checker artefact in docs/chaos.md).
     opts = Options(scenario="mix", peers=4, duration=60.0, seed=11, workload="both", log_dir=str(tmp_path),
-                   quiet=True, slack=20.0, zygote=True)
+                   quiet=True, slack=20.0)
     r = Campaign(opts).run()
     _assert_clean(r)
     assert r["outer_steps_completed"] > 0 and r["allreduces_completed"] > 0, report.details(r)
