@@ -81,15 +81,20 @@ class EncodedSlots:
     final pieces, which it sends, and the pieces it receives, each at a fixed slot."""
 
     def __init__(self, codec: Quantization, counts: dict, pool: BufferPool | None,
-                 pooled: list[np.ndarray]) -> None:
-        """``counts``: key -> element count of each piece to hold."""
+                 pooled: list[np.ndarray], buf: np.ndarray | None = None) -> None:
+        """``counts``: key -> element count of each piece to hold. ``buf``: the buffer to use
+        (at least :meth:`size` bytes), else one from :func:`take_buffer`."""
         self._at: dict = {}
         total = 0
         for key, n in counts.items():
             size = codecs.encoded_size(codec, n)
             self._at[key] = (total, total + size)
             total += size
-        self.buf = take_buffer(pool, total, pooled)
+        self.buf = take_buffer(pool, total, pooled) if buf is None else buf[:total]
+
+    @staticmethod
+    def size(codec: Quantization, counts: dict) -> int:
+        return sum(codecs.encoded_size(codec, n) for n in counts.values())
 
     def __getitem__(self, key) -> np.ndarray:
         lo, hi = self._at[key]
@@ -148,18 +153,29 @@ class LaneJob:
             raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
 
 
+def ring_slot_counts(plan: RingPlan) -> dict:
+    """(chunk, piece) -> element count of every non-empty piece: the encoded pieces a quantized
+    ring job keeps."""
+    return {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
+            for lo, hi in [plan.piece(c, j)] if hi > lo}
+
+
 class RingJob(LaneJob):
     """One ring all-reduce of ``inp`` into ``out`` on the links of one revision."""
 
     def __init__(self, plan: RingPlan, seq: int, op: ReduceOp, inp: np.ndarray, out: np.ndarray,
                  links: LinkSet, max_frame: int, backup: Backup | None = None,
                  codec: Quantization = Quantization.NONE, gate: Callable[[], None] | None = None,
-                 restored_by_caller: bool = False, pool: BufferPool | None = None) -> None:
+                 restored_by_caller: bool = False, pool: BufferPool | None = None, step_base: int = 0,
+                 slots_buffer: np.ndarray | None = None) -> None:
         """``backup`` (of ``inp``, for this plan) is required when ``out is inp``, unless
         ``restored_by_caller`` (a hierarchical job that backs up the whole buffer itself). A
         ``codec`` other than NONE needs float32 buffers and op SUM or AVG. ``gate()`` runs first in
         every lane program (it blocks until the ring's input is ready, or raises). ``pool``: where
-        the quantized op's encoded pieces live (see :class:`EncodedSlots`)."""
+        the quantized op's encoded pieces live (see :class:`EncodedSlots`). ``step_base`` is added to
+        every frame's step (several rings of one op on the same links stay distinguishable).
+        ``slots_buffer``: where the encoded pieces live instead (``EncodedSlots.size(codec,
+        ring_slot_counts(plan))`` bytes at least), so that several rings share one pooled buffer."""
         super().__init__()
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
@@ -167,14 +183,14 @@ class RingJob(LaneJob):
             raise ValueError("quantized ring jobs reduce float32 with SUM or AVG")
         # encoded all-gather pieces by (chunk, piece): the owner's, then each one received
         self._slots = None if self.codec is None or plan.world == 1 else EncodedSlots(
-            self.codec, {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
-                         for lo, hi in [plan.piece(c, j)] if hi > lo}, pool, self.pooled)
+            self.codec, ring_slot_counts(plan), pool, self.pooled, slots_buffer)
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame
         if out is inp and plan.world > 1 and backup is None and not restored_by_caller:
             raise ValueError("an in-place ring job needs a backup buffer")
         self.gate = gate
+        self.step_base = step_base
         self.backup = backup if out is inp and plan.world > 1 else None
         self.touched: list[tuple[int, int]] = []
         self._recv_done = [0] * plan.lanes
@@ -246,7 +262,7 @@ class RingJob(LaneJob):
                             payload = _bytes(codecs.encode(self.codec, src[lo:hi], out=conn.scratch(size)))
                         else:
                             payload = _bytes(self._slots[(step.send_chunk, j)])
-                        hdr = framing.encode_frame(framing.FrameHeader(self.seq, step.index, j, len(payload)))
+                        hdr = framing.encode_frame(framing.FrameHeader(self.seq, self.step_base + step.index, j, len(payload)))
                         send_frame(sock, hdr, payload)
                         self.tx[lane] += len(payload)
                     i += 1
@@ -270,7 +286,7 @@ class RingJob(LaneJob):
                     if hi > lo:
                         nbytes = (hi - lo) * itemsize if self.codec is None else codecs.encoded_size(
                             self.codec, hi - lo)
-                        recv_header(sock, hdr_buf, self.max_frame, self.seq, step.index, j, nbytes)
+                        recv_header(sock, hdr_buf, self.max_frame, self.seq, self.step_base + step.index, j, nbytes)
                         target = self.out[lo:hi]
                         if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
                             self.backup.wait(lo, hi)

@@ -9,14 +9,19 @@ How it works
 2. Phase A: a send program per (owner, lane) sends this rank's pieces of that owner's shard; an
    owner runs a receive program per (member, lane) into one buffer per member. When piece p has
    arrived from every member, the thread that completed it reduces piece p in member order into
-   the output (quantized: decode-accumulate in float32), then counts it.
-3. Phase B (owners, several groups): a :class:`RingJob` over the column's ring, gated on phase A.
-4. Phase C: the owner finalizes its shard once (AVG: divide by the world size; quantized: adopt
-   decode(encode(x)) and keep the bytes), then a send program per (member, lane) sends it; every
-   member runs a receive program per (owner, lane) that copies (or decodes) it into the output.
+   the output (quantized: decode-accumulate in float32), then marks it done.
+3. Phase B (owners, several groups): one :class:`RingJob` per segment of the shard over the
+   column's ring, each gated on phase A having reduced the pieces of its segment (its frames'
+   steps are offset by the segment, so the rings queued on one link stay distinguishable).
+4. Phase C: the owner finalizes each segment once, when its ring is done (AVG: divide by the
+   world size; quantized: adopt decode(encode(x)) and keep the bytes); a send program per
+   (member, lane) sends each piece as soon as its segment is final; every member runs a receive
+   program per (owner, lane) that copies (or decodes) it into the output. So the slow links of
+   phase B start after the first segment of phase A, and phase C trails phase B by one segment.
 5. An owner's per-member receive buffers (quantized: one :class:`EncodedSlots` for the received
-   and the owner's encoded pieces; the phase-B ring has its own) come from ``pool`` (the communicator's
-   :class:`~pccl.buffers.BufferPool`) when one is given, and ``pooled`` lists them so the caller
+   and the owner's encoded pieces, and one buffer that the phase-B rings share for theirs) come
+   from ``pool`` (the communicator's :class:`~pccl.buffers.BufferPool`) when one is given, and
+   ``pooled`` lists them so the caller
    hands them back once every lane has stopped: on VMs whose first touch of a fresh page is slow
    (0.05 GB/s measured here), allocating them anew per op cost more than the transfer itself.
 6. In place, a :class:`Backup` holds the whole input; receives wait for its copy before the first
@@ -35,7 +40,8 @@ from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclTimeout
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import EncodedSlots, LaneJob, RingJob, _bytes, recv_header, send_frame, take_buffer
+from pccl.algorithms.executor import (EncodedSlots, LaneJob, RingJob, _bytes, recv_header, ring_slot_counts,
+                                      send_frame, take_buffer)
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
 from pccl.transports.links import Connection, LinkSet, Mesh, recv_exact
@@ -63,10 +69,10 @@ class GroupJob(LaneJob):
         self.touched: list[tuple[int, int]] = []
         self.tx = self.rx = 0
         self._arrived = [0] * plan.pieces
-        self._reduced = 0
+        self._piece_reduced = [False] * plan.pieces
         self._final_lock = threading.Lock()
-        self._finalized = False
-        self.ring: RingJob | None = None
+        self._finalized = [False] * len(plan.segments)
+        self.rings: list[RingJob] = []  # phase B, one per segment
         j = plan.owned
         self._bufs: dict[int, np.ndarray] = {}
         self._slots: EncodedSlots | None = None
@@ -102,17 +108,25 @@ class GroupJob(LaneJob):
         if j is not None:
             column = plan.column()
             if len(column) > 1:  # phase B
-                lo, hi = plan.shards[j]
                 g = column.index(plan.rank)
-                rplan = ring.plan(hi - lo, len(column), g, self.out.dtype.itemsize, self.pipeline_bytes,
-                                  self.mesh.k)
                 nxt, prv = self.peers[column[(g + 1) % len(column)]], self.peers[column[g - 1]]
                 links = LinkSet(self.mesh.revision, nxt, prv, self.mesh.send(nxt), self.mesh.recv(prv))
-                view = self.out[lo:hi]
-                self.ring = RingJob(rplan, self.seq, ReduceOp.SUM if self.op is ReduceOp.AVG else self.op,
-                                    view, view, links, self.max_frame, codec=self.codec or Quantization.NONE,
-                                    gate=self._phase_a_done, restored_by_caller=True, pool=self.pool)
-                self.pooled += self.ring.pooled
+                steps = 2 * (len(column) - 1)
+                spans = [plan.segment_range(j, s) for s in range(len(plan.segments))]
+                rplans = [ring.plan(hi - lo, len(column), g, self.out.dtype.itemsize, self.pipeline_bytes,
+                                    self.mesh.k) for lo, hi in spans]
+                bufs: list[np.ndarray | None] = [None] * len(rplans)
+                if self.codec is not None:  # one pooled buffer for the encoded pieces of every ring
+                    sizes = [EncodedSlots.size(self.codec, ring_slot_counts(rp)) for rp in rplans]
+                    whole = take_buffer(self.pool, sum(sizes), self.pooled)
+                    at = np.cumsum([0] + sizes)
+                    bufs = [whole[at[s]:at[s + 1]] for s in range(len(sizes))]
+                for s, ((lo, hi), rplan) in enumerate(zip(spans, rplans)):
+                    view = self.out[lo:hi]
+                    self.rings.append(RingJob(
+                        rplan, self.seq, ReduceOp.SUM if self.op is ReduceOp.AVG else self.op, view, view, links,
+                        self.max_frame, codec=self.codec or Quantization.NONE, restored_by_caller=True,
+                        gate=lambda s=s: self._segment_reduced(s), step_base=s * steps, slots_buffer=bufs[s]))
             for x in plan.members:  # phase C sends
                 if x != plan.rank:
                     conns = self.mesh.send(self.peers[x])
@@ -124,11 +138,12 @@ class GroupJob(LaneJob):
         with self._cond:
             self._running = len(programs)
         # Ring programs are queued after this rank's phase A programs on their connections (the
-        # ring uses other connections than phase A/C: its peers are in other groups).
+        # rings use other connections than phase A/C: their peers are in other groups), in
+        # segment order on every owner of the column.
         for conn, prog in programs[:phase_a]:
             conn.submit(prog, self._lane_done)
-        if self.ring is not None:
-            self.ring.start()
+        for rj in self.rings:
+            rj.start()
         for conn, prog in programs[phase_a:]:
             conn.submit(prog, self._lane_done)
 
@@ -140,13 +155,13 @@ class GroupJob(LaneJob):
 
     def abort(self, reason: BaseException) -> None:
         self._mark_failed(reason)
-        if self.ring is not None:
-            self.ring.abort(reason)
+        for rj in self.rings:
+            rj.abort(reason)
         self.mesh.abort()
 
     def join(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
-        return self._join_lanes(timeout) and (self.ring is None or self.ring.join(max(end - time.monotonic(), 0.0)))
+        return self._join_lanes(timeout) and all(rj.join(max(end - time.monotonic(), 0.0)) for rj in self.rings)
 
     def restore(self) -> None:
         if self.backup is not None:
@@ -154,11 +169,11 @@ class GroupJob(LaneJob):
 
     @property
     def tx_bytes(self) -> int:
-        return self.tx + (self.ring.tx_bytes if self.ring else 0)
+        return self.tx + sum(rj.tx_bytes for rj in self.rings)
 
     @property
     def rx_bytes(self) -> int:
-        return self.rx + (self.ring.rx_bytes if self.ring else 0)
+        return self.rx + sum(rj.rx_bytes for rj in self.rings)
 
     # ------------------------------------------------------------------ phases
     def _gate(self, ready) -> None:
@@ -170,31 +185,37 @@ class GroupJob(LaneJob):
                 self._cond.wait(min(left, 1.0))
         self._check()
 
-    def _phase_a_done(self) -> None:
-        """Gate: every piece of this rank's shard is reduced inside the group."""
+    def _segment_reduced(self, s: int) -> None:
+        """Gate: every piece of segment ``s`` of this rank's shard is reduced inside the group."""
+        a, b = self.plan.segments[s]
         if len(self.plan.members) == 1:
-            self._reduce_alone()
-        self._gate(lambda: self._reduced == self.plan.pieces)
+            self._reduce_alone(a, b)
+        self._gate(lambda: all(self._piece_reduced[a:b]))
 
-    def _reduce_alone(self) -> None:
+    def _reduce_alone(self, a: int, b: int) -> None:
         with self._final_lock:
-            if self._reduced == self.plan.pieces:
-                return
-            for p in range(self.plan.pieces):
-                self._reduce_piece(p)
+            for p in range(a, b):
+                if not self._piece_reduced[p]:
+                    self._reduce_piece(p)
 
     def _finalize(self) -> None:
-        """Once per job, on an owner, when its shard is fully reduced: AVG division, and for a
-        quantized op the adoption of decode(encode(x)) with the bytes phase C sends."""
-        self._phase_a_done()
-        if self.ring is not None:
-            self.ring.wait(self.deadline)
+        """Finalize every segment (see :meth:`_finalize_segment`)."""
+        for s in range(len(self.plan.segments)):
+            self._finalize_segment(s)
+
+    def _finalize_segment(self, s: int) -> None:
+        """Once per segment, on an owner, when the segment is fully reduced (phase A, then its
+        ring): AVG division, and for a quantized op the adoption of decode(encode(x)) with the
+        bytes phase C sends."""
+        self._segment_reduced(s)
+        if self.rings:
+            self.rings[s].wait(self.deadline)
         with self._final_lock:
-            if self._finalized:
+            if self._finalized[s]:
                 return
             j = self.plan.owned
             assert j is not None
-            for p in range(self.plan.pieces):
+            for p in range(*self.plan.segments[s]):
                 lo, hi = self.plan.piece(j, p)
                 if hi <= lo:
                     continue
@@ -202,7 +223,7 @@ class GroupJob(LaneJob):
                 kernels.finalize(self.op, target, self.plan.world)
                 if self.codec is not None:
                     codecs.adopt(self.codec, target, out=self._slots[(-1, p)])
-            self._finalized = True
+            self._finalized[s] = True
 
     def _own(self, lo: int, hi: int) -> np.ndarray:
         """This rank's original input for [lo, hi)."""
@@ -245,7 +266,7 @@ class GroupJob(LaneJob):
                     else:
                         kernels.reduce_into(self.op, target, got, target)
         with self._cond:
-            self._reduced += 1
+            self._piece_reduced[p] = True
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ lane programs
@@ -259,13 +280,13 @@ class GroupJob(LaneJob):
         broadcast = step == STEP_BROADCAST
 
         def run(conn: Connection) -> None:
-            if broadcast:
-                self._finalize()
             for p in self._pieces(lane):
                 self._check()
                 lo, hi = self.plan.piece(shard, p)
                 if hi <= lo:
                     continue
+                if broadcast:
+                    self._finalize_segment(self.plan.segment_of(p))
                 if self.codec is None:
                     payload = _bytes((self.out if broadcast else self.inp)[lo:hi])
                 elif broadcast:

@@ -19,6 +19,11 @@ How it works
    sends its whole buffer to the root (rank 0), the root reduces in rank order and broadcasts.
 Pieces: every shard is cut into the same number of pieces (pipelining, like the ring); piece p of
 every transfer travels on connection p mod K of that directed link.
+Segments: the pieces of a shard are also cut into up to ``MAX_SEGMENTS`` runs of consecutive
+pieces. Phase B runs one ring per segment, each starting as soon as phase A has reduced that
+segment, and phase C sends a piece as soon as its segment's ring is done, so the three phases
+overlap instead of following each other (the slow links start after the first segment, not
+after the whole shard).
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from pccl.algorithms.ring import split
 #: frame ``step`` values of the two intra-group phases (the ring of phase B uses 0..2G-3)
 STEP_REDUCE = 0xA000_0000
 STEP_BROADCAST = 0xC000_0000
+#: most segments a shard is cut into (see the module doc)
+MAX_SEGMENTS = 8
 
 
 def group_ranks(localities: list[str]) -> tuple[tuple[int, ...], ...]:
@@ -48,6 +55,7 @@ class GroupPlan:
     pieces: int  # pieces per shard
     lanes: int
     shards: tuple[tuple[int, int], ...]
+    segments: tuple[tuple[int, int], ...]  # piece-index ranges [a, b), consecutive, covering 0..pieces
 
     @property
     def world(self) -> int:
@@ -88,6 +96,14 @@ class GroupPlan:
         lo, hi = self.shards[shard]
         return split(lo, hi, self.pieces)[p]
 
+    def segment_range(self, shard: int, s: int) -> tuple[int, int]:
+        """Element range of segment ``s`` of ``shard``."""
+        a, b = self.segments[s]
+        return self.piece(shard, a)[0], self.piece(shard, b - 1)[1]
+
+    def segment_of(self, p: int) -> int:
+        return next(s for s, (a, b) in enumerate(self.segments) if a <= p < b)
+
 
 def plan(count: int, localities: list[str], rank: int, itemsize: int, pipeline_bytes: int, lanes: int,
          star: bool = False, min_piece_bytes: int = 64 << 10) -> GroupPlan:
@@ -104,7 +120,8 @@ def plan(count: int, localities: list[str], rank: int, itemsize: int, pipeline_b
     if biggest >= lanes * min_piece_bytes:
         pieces = max(pieces, lanes)
     pieces = min(pieces, max(1, shards[0][1] - shards[0][0]))
-    return GroupPlan(count, rank, groups, pieces, min(lanes, pieces), shards)
+    segments = tuple(split(0, pieces, min(pieces, MAX_SEGMENTS)))
+    return GroupPlan(count, rank, groups, pieces, min(lanes, pieces), shards, segments)
 
 
 def overwrite_order(plan: GroupPlan) -> list[tuple[int, int]]:

@@ -10,21 +10,33 @@ How it works
    T = 2(N−1)(α + S/N·β_ring) + (N−1)/N·S·γ.
 3. Star: the root receives and sends (N−1)·S over its link(s): T = 2α + 2(N−1)S·β_star + (N−1)S·γ
    (β_star is β_w when some member is in another locality than the root).
-4. Hierarchical (only when 1 < G < N): inside each group a direct reduce to the c shard owners and
-   a broadcast back (each ≈ α + (n−1)/c·S·β on the busiest member, n the largest group), plus a
-   ring over G groups of S/c bytes on the slow links: 2(G−1)(α + S/(cG)·β_w).
-5. The cheapest wins; ties go to the ring, then star. Every peer computes this from the same
+4. Hierarchical (only when 1 < G < N): inside each group a direct reduce to the c shard owners
+   (phase A) and a broadcast back (phase C), each ≈ α + (n−1)/c·S·β on the busiest member (n
+   the largest group), and between groups (phase B) c column rings, one per shard, that all
+   leave a locality through its one link: that link carries 2(G−1)/G·S, so
+   T_B = 2(G−1)·M·α + 2(G−1)/G·S·β_w (M rings per column, one per segment, see
+   ``groups.MAX_SEGMENTS``). The phases overlap segment by segment, so
+   T = max(T_A, T_B, T_C) + (T_A + T_C)/M: the slowest phase plus filling and draining the
+   pipeline.
+5. β and β_w come from measurements when there are some: after ``optimize_topology`` the
+   topology carries the measured bandwidth of every directed pair, and the slowest measured pair
+   inside a locality sets β, the slowest between two localities sets β_w
+   (:func:`measured_rates`). The configured figures stand in for a kind nobody measured.
+6. The cheapest wins; ties go to the ring, then star. Every peer computes this from the same
    inputs (its config and the topology); the resolved algorithm travels in the announcement, so
    peers whose configs disagree fail the op with InvalidUsage instead of running different
    algorithms.
 """
 from __future__ import annotations
 
+import math
+
 from pccl.enums import Algorithm
+from pccl.algorithms.groups import MAX_SEGMENTS
 
 
 def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan_bps: float,
-          reduce_bps: float) -> dict[Algorithm, float]:
+          reduce_bps: float, pipeline_bytes: int = 4 << 20) -> dict[Algorithm, float]:
     """Modelled seconds of each algorithm that applies."""
     n = len(localities)
     s = float(nbytes)
@@ -40,18 +52,35 @@ def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan
     }
     if 1 < g < n:
         c, big = min(sizes.values()), max(sizes.values())
-        intra = 2 * (alpha + (big - 1) / c * s * beta) + (big - 1) / c * s * gamma
-        out[Algorithm.HIERARCHICAL] = intra + 2 * (g - 1) * (alpha + s / (c * g) * beta_w) + (g - 1) / g * s / c * gamma
+        segs = min(MAX_SEGMENTS, max(1, math.ceil(s / c / max(pipeline_bytes, 1))))
+        t_c = alpha + (big - 1) / c * s * beta
+        t_a = t_c + (big - 1) / c * s * gamma
+        t_b = 2 * (g - 1) * (segs * alpha + s / g * beta_w) + (g - 1) / g * s / c * gamma
+        out[Algorithm.HIERARCHICAL] = max(t_a, t_b, t_c) + (t_a + t_c) / segs
     return out
 
 
+def measured_rates(ring: list[int], localities: list[str], rates: dict[tuple[int, int], float],
+                   link_bps: float, wan_bps: float) -> tuple[float, float]:
+    """(inside, between) localities in bytes/s for participants ``ring`` (peer ids; their labels
+    in ``localities``): the slowest measured pair of each kind, else the configured figure.
+    Only finite positive measurements count."""
+    where = dict(zip(ring, localities))
+    inside: list[float] = []
+    between: list[float] = []
+    for (a, b), bps in rates.items():
+        if a in where and b in where and a != b and bps > 0 and math.isfinite(bps):
+            (inside if where[a] == where[b] else between).append(bps)
+    return min(inside, default=link_bps), min(between, default=wan_bps)
+
+
 def choose(requested: Algorithm, nbytes: int, localities: list[str], alpha: float, link_bps: float,
-           wan_bps: float, reduce_bps: float) -> Algorithm:
+           wan_bps: float, reduce_bps: float, pipeline_bytes: int = 4 << 20) -> Algorithm:
     """``requested`` unless it is AUTO; then the modelled fastest."""
     if requested is not Algorithm.AUTO:
         return requested
     if len(localities) <= 1:
         return Algorithm.RING
-    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps)
+    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps, pipeline_bytes)
     order = [Algorithm.RING, Algorithm.STAR, Algorithm.HIERARCHICAL]
     return min((a for a in order if a in c), key=lambda a: (c[a], order.index(a)))

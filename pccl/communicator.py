@@ -174,6 +174,8 @@ class Communicator:
         self._listener: Listener | None = None
         self._control: ControlChannel | None = None
         self._members: dict[int, m.Member] = {}
+        # AUTO's (inside, between) locality bandwidths: measured ones from the topology, else configured
+        self._link_rates = (self.config.link_bytes_per_second, self.config.wan_bytes_per_second)
         self._sync: _SyncWait | None = None
         self._server = state_transfer.StateServer()
         self._probes: list[threading.Thread] = []
@@ -422,6 +424,11 @@ class Communicator:
             self._admitted = True
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
             self._members = {mb.peer_id: mb for mb in topo.members}
+            c = self.config
+            self._link_rates = select.measured_rates(
+                list(self._ring), [self._members[pid].locality for pid in self._ring],
+                {(r.src, r.dst): r.bytes_per_second for r in topo.links}, c.link_bytes_per_second,
+                c.wan_bytes_per_second)
             assert self._listener is not None
             self._mesh = Mesh(self._listener, topo.revision, me,
                               {pid: (mb.host, mb.port) for pid, mb in self._members.items()},
@@ -838,8 +845,9 @@ class Communicator:
         nbytes = rec.inp.size * itemsize
         if rec.quantization is not Quantization.NONE:
             nbytes = codecs.encoded_size(rec.quantization, rec.inp.size)
-        algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, c.link_bytes_per_second,
-                             c.wan_bytes_per_second, c.reduce_bytes_per_second)
+        link_bps, wan_bps = self._link_rates
+        algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, link_bps, wan_bps,
+                             c.reduce_bytes_per_second, c.pipeline_bytes)
         rec.announce = dataclasses.replace(rec.announce, algorithm=algo.value)
         world, rank = len(self._ring), self.rank
         if algo is Algorithm.RING:

@@ -402,7 +402,8 @@ class MasterCore:
             p.hold_pending = False
         topo = m.Topology(revision=self.revision, members=tuple(
             m.Member(peer_id=p.peer_id, group=p.group, host=p.host, port=p.port, locality=p.locality)
-            for p in (self.peers[i] for i in self.ring)))
+            for p in (self.peers[i] for i in self.ring)), links=tuple(
+            m.LinkRate(src=a, dst=b, bytes_per_second=bps) for (a, b), bps in sorted(self.bandwidth.items())))
         log.info("topology revision %d: ring %s", self.revision, self.ring)
         for pid in self.ring:
             self._send(out, self.peers[pid].conn, topo, now)

@@ -194,11 +194,59 @@ def test_plan_shards_owners_and_columns():
                     col = p.column()
                     assert len(col) == len(p.groups) and p.rank in col
                     assert all(plans[x].owned == p.owned for x in col)
+                segs = p.segments
+                assert 1 <= len(segs) <= min(p.pieces, groups.MAX_SEGMENTS)
+                assert segs[0][0] == 0 and segs[-1][1] == p.pieces
+                assert all(a < b for a, b in segs) and all(x[1] == y[0] for x, y in zip(segs, segs[1:]))
+                for shard in range(c):
+                    spans = [p.segment_range(shard, s) for s in range(len(segs))]
+                    assert spans[0][0] == p.shards[shard][0] and spans[-1][1] == p.shards[shard][1]
+                    assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+                assert [p.segment_of(q) for q in range(p.pieces)] == sorted(p.segment_of(q) for q in range(p.pieces))
                 order = groups.overwrite_order(p)
                 assert sorted(order) == sorted(set(order))
                 assert sum(hi - lo for lo, hi in order) == count
     star = groups.plan(10, ["a", "b", "c"], 2, 4, 64, 1, star=True)
     assert star.groups == ((0, 1, 2),) and star.columns == 1 and star.owner(0) == 0
+
+
+def test_phases_overlap_segment_by_segment(monkeypatch):
+    """Pipelining: while one member holds back its last phase-A piece, every owner's first
+    segment still crosses its column ring and is finalized (phase C may send it): phase B and C
+    do not wait for the whole of phase A. The result stays exact."""
+    from pccl.transports import framing
+
+    n, locs, count = 4, ["a", "a", "b", "b"], 4099
+    last = groups.plan(count, locs, 0, 4, 1 << 10, 2).pieces - 1
+    assert len(groups.plan(count, locs, 0, 4, 1 << 10, 2).segments) > 2
+    events: list[tuple[str, int, int]] = []
+    real_send, real_fin, real_red = gx.send_frame, gx.GroupJob._finalize_segment, gx.GroupJob._reduce_piece
+
+    def slow_send(sock, header, payload):
+        h = framing.decode_frame(bytearray(header), 1 << 30)
+        if h.step == groups.STEP_REDUCE and h.piece == last:
+            time.sleep(1.0)
+        real_send(sock, header, payload)
+
+    def fin(self, s):
+        real_fin(self, s)
+        events.append(("final", self.plan.rank, s))
+
+    def red(self, p):
+        real_red(self, p)
+        events.append(("reduced", self.plan.rank, p))
+
+    monkeypatch.setattr(gx, "send_frame", slow_send)
+    monkeypatch.setattr(gx.GroupJob, "_finalize_segment", fin)
+    monkeypatch.setattr(gx.GroupJob, "_reduce_piece", red)
+    inputs = [np.arange(count, dtype=np.float32) * (r + 1) for r in range(n)]
+    expect = reference(inputs, ReduceOp.SUM)
+    outs, errors, _ = run_group(inputs, ReduceOp.SUM, "hierarchical", locs)
+    assert errors == []
+    for o in outs:
+        assert o.tobytes() == outs[0].tobytes() and np.array_equal(o, expect.astype(np.float32))
+    for r in (0, 1, 2, 3):  # every rank owns a shard (two members per group)
+        assert events.index(("final", r, 0)) < events.index(("reduced", r, last)), r
 
 
 def test_auto_picks_star_for_tiny_ring_for_large_and_hierarchical_across_localities():
@@ -214,6 +262,33 @@ def test_auto_picks_star_for_tiny_ring_for_large_and_hierarchical_across_localit
         sizes = [1 << e for e in range(4, 28)]
         picks = [select.choose(Algorithm.AUTO, s, ["a"] * n, **kw) for s in sizes]
         assert picks == sorted(picks, key=[Algorithm.STAR, Algorithm.RING].index)  # star, then ring
+
+
+def test_auto_with_the_bench_wan_figures_picks_what_ran_faster_there():
+    """The cases of docs/benchmarks.md (4 peers on 2 hosts, 64 MiB float32): behind a 1 Gbit/s
+    host link hierarchical ran faster than the ring (phase B carries S per host link, the ring
+    1.5·S), and AUTO, given the rates optimize_topology measures there, picks it. A locality
+    whose inside is slower than its links out (a contrived case) flips the choice to the ring."""
+    locs, size = ["host1", "host1", "host2", "host2"], 64 << 20
+    kw = dict(alpha=5e-4, reduce_bps=2e9)
+    c = select.costs(size, locs, link_bps=0.5e9, wan_bps=0.119e9, **kw)
+    assert c[Algorithm.HIERARCHICAL] < 0.75 * c[Algorithm.RING]
+    assert select.choose(Algorithm.AUTO, size, locs, link_bps=0.5e9, wan_bps=0.119e9, **kw) is Algorithm.HIERARCHICAL
+    assert select.choose(Algorithm.AUTO, size, locs, link_bps=0.05e9, wan_bps=1e9, **kw) is Algorithm.RING
+    # pipelining: hierarchical costs about its slowest phase, not the sum of its three phases
+    wire = size / 0.119e9  # phase B alone: S over the host link
+    assert wire < c[Algorithm.HIERARCHICAL] < 1.1 * wire
+
+
+def test_measured_rates_take_the_slowest_pair_of_each_kind_and_fall_back_to_the_config():
+    ring, locs = [10, 11, 12, 13], ["a", "a", "b", "b"]
+    rates = {(10, 11): 9e8, (11, 10): 7e8, (12, 13): 8e8, (11, 12): 2e8, (13, 10): 1e8,
+             (10, 99): 1.0, (99, 10): 1.0,  # not a participant
+             (12, 10): float("nan"), (10, 12): float("inf"), (13, 11): 0.0, (12, 12): 5.0}  # not usable
+    assert select.measured_rates(ring, locs, rates, 1e9, 1.25e8) == (7e8, 1e8)
+    assert select.measured_rates(ring, locs, {}, 1e9, 1.25e8) == (1e9, 1.25e8)
+    assert select.measured_rates(ring, locs, {(10, 11): 3e8}, 1e9, 1.25e8) == (3e8, 1.25e8)
+    assert select.measured_rates(ring, ["a"] * 4, rates, 1e9, 1.25e8) == (1e8, 1.25e8)
 
 
 def test_receive_buffers_come_from_the_pool_and_are_reused_by_the_next_op():
@@ -246,6 +321,21 @@ def test_receive_buffers_come_from_the_pool_and_are_reused_by_the_next_op():
             for r, j in enumerate(jobs):
                 pools[r].give(j.pooled[0])
         assert seen[0] == seen[1]
+        # quantized: two buffers per owner however many segments (and rings) phase B runs
+        inputs = [np.linspace(-1, 1, 40000, dtype=np.float32) * (r + 1) for r in range(n)]
+        plans = [groups.plan(40000, locs, r, 4, 1 << 10, k) for r in range(n)]
+        assert len(plans[0].segments) == groups.MAX_SEGMENTS
+        jobs = [gx.GroupJob(plans[r], 30, ReduceOp.SUM, inputs[r], inputs[r], meshes[r], tuple(range(n)), 1 << 30,
+                            time.monotonic() + 30, Backup(inputs[r], np.empty_like(inputs[r]),
+                                                          groups.overwrite_order(plans[r])),
+                            Quantization.UINT8, 1 << 10, pools[r]) for r in range(n)]
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.backup.run()
+        assert settle(jobs, 30) == []
+        assert all(x.tobytes() == inputs[0].tobytes() for x in inputs)
+        assert [len(j.pooled) for j in jobs] == [2] * n and all(len(j.rings) == groups.MAX_SEGMENTS for j in jobs)
     finally:
         for ms in meshes:
             ms.close()

@@ -148,6 +148,8 @@ def test_optimize_measures_every_pair_once_and_orders_the_ring_around_the_slow_l
     i, j = ring.index(a), ring.index(b)
     assert (i - j) % 4 == 2, f"a and b are neighbours in {ring}"
     assert "bandwidth of group 0" in h.core.status_text()
+    # the committed topology carries every measured rate (AUTO's cost model uses them)
+    assert {(r.src, r.dst): r.bytes_per_second for r in topo.links} == h.core.bandwidth
     # measured pairs are not measured again
     out = []
     for c in "abcd":

@@ -62,6 +62,15 @@ class Member:
 
 
 @record
+class LinkRate:
+    """One directed link as optimize_topology measured it (bytes per second from src to dst)."""
+
+    src: int
+    dst: int
+    bytes_per_second: float
+
+
+@record
 class KeyRec:
     """One shared-state key as a sync vote describes it (digest: XXH3-128 of its bytes)."""
 
@@ -243,10 +252,12 @@ class PendingReply:
 
 @message("topology")
 class Topology:
-    """The new world: members in ring order (per group, order of appearance)."""
+    """The new world: members in ring order (per group, order of appearance), and the link
+    bandwidths measured among them so far (what AUTO's cost model uses)."""
 
     revision: int
     members: tuple[Member, ...]
+    links: tuple[LinkRate, ...] = ()
 
 
 @message("commence")
