@@ -90,6 +90,8 @@ class EncodedSlots:
             size = codecs.encoded_size(codec, n)
             self._at[key] = (total, total + size)
             total += size
+        if buf is not None and buf.size < total:
+            raise ValueError(f"encoded slots need {total} bytes, the buffer given has {buf.size}")
         self.buf = take_buffer(pool, total, pooled) if buf is None else buf[:total]
 
     @staticmethod

@@ -20,10 +20,11 @@ How it works
 Pieces: every shard is cut into the same number of pieces (pipelining, like the ring); piece p of
 every transfer travels on connection p mod K of that directed link.
 Segments: the pieces of a shard are also cut into up to ``MAX_SEGMENTS`` runs of consecutive
-pieces. Phase B runs one ring per segment, each starting as soon as phase A has reduced that
-segment, and phase C sends a piece as soon as its segment's ring is done, so the three phases
-overlap instead of following each other (the slow links start after the first segment, not
-after the whole shard).
+pieces. Phase B runs one ring per segment; a segment's ring starts once phase A has reduced
+that segment and the previous segment's ring is done (the rings take turns on the column's
+links), and phase C sends a piece as soon as its segment's ring is done. So the three phases
+overlap instead of following each other: the slow links start after the first segment, not
+after the whole shard.
 """
 from __future__ import annotations
 
@@ -105,6 +106,23 @@ class GroupPlan:
         return next(s for s, (a, b) in enumerate(self.segments) if a <= p < b)
 
 
+def _pieces(shard: int, itemsize: int, pipeline_bytes: int, lanes: int, min_piece_bytes: int) -> int:
+    """Pieces per shard when the biggest shard has ``shard`` elements."""
+    biggest = shard * itemsize
+    pieces = max(1, math.ceil(biggest / max(pipeline_bytes, 1)))
+    if biggest >= lanes * min_piece_bytes:
+        pieces = max(pieces, lanes)  # let one op use every connection of the link
+    return min(pieces, max(1, shard))
+
+
+def segment_count(count: int, localities: list[str], itemsize: int, pipeline_bytes: int, lanes: int,
+                  min_piece_bytes: int = 64 << 10) -> int:
+    """The number of segments per shard that :func:`plan` gives a hierarchical all-reduce."""
+    columns = min(len(g) for g in group_ranks(localities))
+    lo, hi = split(0, count, columns)[0]
+    return min(_pieces(hi - lo, itemsize, pipeline_bytes, lanes, min_piece_bytes), MAX_SEGMENTS)
+
+
 def plan(count: int, localities: list[str], rank: int, itemsize: int, pipeline_bytes: int, lanes: int,
          star: bool = False, min_piece_bytes: int = 64 << 10) -> GroupPlan:
     """The schedule of ``rank`` among ``len(localities)`` participants (ring order). ``star``:
@@ -115,11 +133,7 @@ def plan(count: int, localities: list[str], rank: int, itemsize: int, pipeline_b
     groups = (tuple(range(n)),) if star else group_ranks(localities)
     columns = 1 if star else min(len(g) for g in groups)
     shards = tuple(split(0, count, columns))
-    biggest = (shards[0][1] - shards[0][0]) * itemsize
-    pieces = max(1, math.ceil(biggest / max(pipeline_bytes, 1)))
-    if biggest >= lanes * min_piece_bytes:
-        pieces = max(pieces, lanes)
-    pieces = min(pieces, max(1, shards[0][1] - shards[0][0]))
+    pieces = _pieces(shards[0][1] - shards[0][0], itemsize, pipeline_bytes, lanes, min_piece_bytes)
     segments = tuple(split(0, pieces, min(pieces, MAX_SEGMENTS)))
     return GroupPlan(count, rank, groups, pieces, min(lanes, pieces), shards, segments)
 

@@ -14,8 +14,9 @@ How it works
    (phase A) and a broadcast back (phase C), each ≈ α + (n−1)/c·S·β on the busiest member (n
    the largest group), and between groups (phase B) c column rings, one per shard, that all
    leave a locality through its one link: that link carries 2(G−1)/G·S, so
-   T_B = 2(G−1)·M·α + 2(G−1)/G·S·β_w (M rings per column, one per segment, see
-   ``groups.MAX_SEGMENTS``). The phases overlap segment by segment, so
+   T_B = 2(G−1)·M·α + 2(G−1)/G·S·β_w + (G−1)/G·S/c·γ, with M rings per column taking turns,
+   one per segment (``segments``: ``groups.segment_count``, what the plan will use). Phase A
+   also reduces: T_A = T_C + (n−1)/c·S·γ. The phases overlap segment by segment, so
    T = max(T_A, T_B, T_C) + (T_A + T_C)/M: the slowest phase plus filling and draining the
    pipeline.
 5. β and β_w come from measurements when there are some: after ``optimize_topology`` the
@@ -32,11 +33,10 @@ from __future__ import annotations
 import math
 
 from pccl.enums import Algorithm
-from pccl.algorithms.groups import MAX_SEGMENTS
 
 
 def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan_bps: float,
-          reduce_bps: float, pipeline_bytes: int = 4 << 20) -> dict[Algorithm, float]:
+          reduce_bps: float, segments: int = 1) -> dict[Algorithm, float]:
     """Modelled seconds of each algorithm that applies."""
     n = len(localities)
     s = float(nbytes)
@@ -52,7 +52,7 @@ def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan
     }
     if 1 < g < n:
         c, big = min(sizes.values()), max(sizes.values())
-        segs = min(MAX_SEGMENTS, max(1, math.ceil(s / c / max(pipeline_bytes, 1))))
+        segs = max(1, segments)
         t_c = alpha + (big - 1) / c * s * beta
         t_a = t_c + (big - 1) / c * s * gamma
         t_b = 2 * (g - 1) * (segs * alpha + s / g * beta_w) + (g - 1) / g * s / c * gamma
@@ -60,27 +60,35 @@ def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan
     return out
 
 
-def measured_rates(ring: list[int], localities: list[str], rates: dict[tuple[int, int], float],
-                   link_bps: float, wan_bps: float) -> tuple[float, float]:
+def measured_rates(ring: list[int], localities: list[str], rates: dict[tuple[int, int], float]) -> tuple[float, float]:
     """(inside, between) localities in bytes/s for participants ``ring`` (peer ids; their labels
-    in ``localities``): the slowest measured pair of each kind, else the configured figure.
-    Only finite positive measurements count."""
+    in ``localities``): the slowest measured directed pair of each kind, 0.0 where no pair of
+    that kind was measured. Only finite positive measurements count. The master computes this
+    per group and sends it with the topology (``GroupRates``), so every peer uses the same figures."""
     where = dict(zip(ring, localities))
     inside: list[float] = []
     between: list[float] = []
     for (a, b), bps in rates.items():
         if a in where and b in where and a != b and bps > 0 and math.isfinite(bps):
             (inside if where[a] == where[b] else between).append(bps)
-    return min(inside, default=link_bps), min(between, default=wan_bps)
+    return min(inside, default=0.0), min(between, default=0.0)
+
+
+def link_rates(measured: tuple[float, float] | None, link_bps: float, wan_bps: float) -> tuple[float, float]:
+    """(inside, between) figures for the model: the measured ones (:func:`measured_rates`, as
+    the topology carried them), the configured ones where nothing usable was measured."""
+    inside, between = measured or (0.0, 0.0)
+    ok = [r > 0 and math.isfinite(r) for r in (inside, between)]
+    return inside if ok[0] else link_bps, between if ok[1] else wan_bps
 
 
 def choose(requested: Algorithm, nbytes: int, localities: list[str], alpha: float, link_bps: float,
-           wan_bps: float, reduce_bps: float, pipeline_bytes: int = 4 << 20) -> Algorithm:
+           wan_bps: float, reduce_bps: float, segments: int = 1) -> Algorithm:
     """``requested`` unless it is AUTO; then the modelled fastest."""
     if requested is not Algorithm.AUTO:
         return requested
     if len(localities) <= 1:
         return Algorithm.RING
-    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps, pipeline_bytes)
+    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps, segments)
     order = [Algorithm.RING, Algorithm.STAR, Algorithm.HIERARCHICAL]
     return min((a for a in order if a in c), key=lambda a: (c[a], order.index(a)))

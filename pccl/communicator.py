@@ -424,11 +424,9 @@ class Communicator:
             self._admitted = True
             self._ring = tuple(mb.peer_id for mb in topo.members if mb.group == self.peer_group)
             self._members = {mb.peer_id: mb for mb in topo.members}
-            c = self.config
-            self._link_rates = select.measured_rates(
-                list(self._ring), [self._members[pid].locality for pid in self._ring],
-                {(r.src, r.dst): r.bytes_per_second for r in topo.links}, c.link_bytes_per_second,
-                c.wan_bytes_per_second)
+            mine = next(((r.inside, r.between) for r in topo.rates if r.group == self.peer_group), None)
+            self._link_rates = select.link_rates(mine, self.config.link_bytes_per_second,
+                                                 self.config.wan_bytes_per_second)
             assert self._listener is not None
             self._mesh = Mesh(self._listener, topo.revision, me,
                               {pid: (mb.host, mb.port) for pid, mb in self._members.items()},
@@ -846,8 +844,9 @@ class Communicator:
         if rec.quantization is not Quantization.NONE:
             nbytes = codecs.encoded_size(rec.quantization, rec.inp.size)
         link_bps, wan_bps = self._link_rates
+        segments = groups.segment_count(rec.inp.size, localities, itemsize, c.pipeline_bytes, self.connections)
         algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, link_bps, wan_bps,
-                             c.reduce_bytes_per_second, c.pipeline_bytes)
+                             c.reduce_bytes_per_second, segments)
         rec.announce = dataclasses.replace(rec.announce, algorithm=algo.value)
         world, rank = len(self._ring), self.rank
         if algo is Algorithm.RING:

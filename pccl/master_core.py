@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from pccl import sync_plan
-from pccl.algorithms import topology
+from pccl.algorithms import select, topology
 from pccl.config import Config
 from pccl.enums import SyncStrategy
 from pccl.errors import AuthenticationFailed
@@ -400,10 +400,16 @@ class MasterCore:
             p.accepted = True
             p.voted = False
             p.hold_pending = False
+        members = [self.peers[i] for i in self.ring]
+        rates = []
+        for g in sorted({p.group for p in members}):
+            ids = [p.peer_id for p in members if p.group == g]
+            inside, between = select.measured_rates(ids, [self.peers[i].locality for i in ids], self.bandwidth)
+            if inside or between:
+                rates.append(m.GroupRates(group=g, inside=inside, between=between))
         topo = m.Topology(revision=self.revision, members=tuple(
             m.Member(peer_id=p.peer_id, group=p.group, host=p.host, port=p.port, locality=p.locality)
-            for p in (self.peers[i] for i in self.ring)), links=tuple(
-            m.LinkRate(src=a, dst=b, bytes_per_second=bps) for (a, b), bps in sorted(self.bandwidth.items())))
+            for p in members), rates=tuple(rates))
         log.info("topology revision %d: ring %s", self.revision, self.ring)
         for pid in self.ring:
             self._send(out, self.peers[pid].conn, topo, now)

@@ -270,7 +270,9 @@ def test_auto_with_the_bench_wan_figures_picks_what_ran_faster_there():
     1.5·S), and AUTO, given the rates optimize_topology measures there, picks it. A locality
     whose inside is slower than its links out (a contrived case) flips the choice to the ring."""
     locs, size = ["host1", "host1", "host2", "host2"], 64 << 20
-    kw = dict(alpha=5e-4, reduce_bps=2e9)
+    segs = groups.segment_count(size // 4, locs, 4, 4 << 20, 2)
+    assert segs == len(groups.plan(size // 4, locs, 0, 4, 4 << 20, 2).segments) == groups.MAX_SEGMENTS
+    kw = dict(alpha=5e-4, reduce_bps=2e9, segments=segs)
     c = select.costs(size, locs, link_bps=0.5e9, wan_bps=0.119e9, **kw)
     assert c[Algorithm.HIERARCHICAL] < 0.75 * c[Algorithm.RING]
     assert select.choose(Algorithm.AUTO, size, locs, link_bps=0.5e9, wan_bps=0.119e9, **kw) is Algorithm.HIERARCHICAL
@@ -285,10 +287,16 @@ def test_measured_rates_take_the_slowest_pair_of_each_kind_and_fall_back_to_the_
     rates = {(10, 11): 9e8, (11, 10): 7e8, (12, 13): 8e8, (11, 12): 2e8, (13, 10): 1e8,
              (10, 99): 1.0, (99, 10): 1.0,  # not a participant
              (12, 10): float("nan"), (10, 12): float("inf"), (13, 11): 0.0, (12, 12): 5.0}  # not usable
-    assert select.measured_rates(ring, locs, rates, 1e9, 1.25e8) == (7e8, 1e8)
-    assert select.measured_rates(ring, locs, {}, 1e9, 1.25e8) == (1e9, 1.25e8)
-    assert select.measured_rates(ring, locs, {(10, 11): 3e8}, 1e9, 1.25e8) == (3e8, 1.25e8)
-    assert select.measured_rates(ring, ["a"] * 4, rates, 1e9, 1.25e8) == (1e8, 1.25e8)
+    assert select.measured_rates(ring, locs, rates) == (7e8, 1e8)
+    assert select.measured_rates(ring, locs, {}) == (0.0, 0.0)
+    assert select.measured_rates(ring, locs, {(10, 11): 3e8}) == (3e8, 0.0)
+    assert select.measured_rates(ring, ["a"] * 4, rates) == (1e8, 0.0)
+    # what the peer uses: the measured figure, the configured one where none (or nonsense) came
+    assert select.link_rates((7e8, 1e8), 1e9, 1.25e8) == (7e8, 1e8)
+    assert select.link_rates((3e8, 0.0), 1e9, 1.25e8) == (3e8, 1.25e8)
+    assert select.link_rates(None, 1e9, 1.25e8) == (1e9, 1.25e8)
+    assert select.link_rates((float("nan"), float("inf")), 1e9, 1.25e8) == (1e9, 1.25e8)
+    assert select.link_rates((-1.0, 2e8), 1e9, 1.25e8) == (1e9, 2e8)
 
 
 def test_receive_buffers_come_from_the_pool_and_are_reused_by_the_next_op():

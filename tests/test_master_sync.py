@@ -148,8 +148,8 @@ def test_optimize_measures_every_pair_once_and_orders_the_ring_around_the_slow_l
     i, j = ring.index(a), ring.index(b)
     assert (i - j) % 4 == 2, f"a and b are neighbours in {ring}"
     assert "bandwidth of group 0" in h.core.status_text()
-    # the committed topology carries every measured rate (AUTO's cost model uses them)
-    assert {(r.src, r.dst): r.bytes_per_second for r in topo.links} == h.core.bandwidth
+    # the committed topology carries the slowest measured pair (one locality here), for AUTO
+    assert [(r.group, r.inside, r.between) for r in topo.rates] == [(0, min(h.core.bandwidth.values()), 0.0)]
     # measured pairs are not measured again
     out = []
     for c in "abcd":
@@ -268,3 +268,20 @@ def test_sync_flows_under_random_interleavings(events):
         for seq, rec in h.core.syncs.items():
             assert rec.receivers, "a sync with no receiver left is closed"
             assert rec.receivers <= {h.pid[x] for x in live}
+
+
+def test_topology_carries_one_rate_entry_per_group_however_many_pairs_were_measured():
+    """AUTO's measured figures travel as one (inside, between) entry per group: with every pair
+    of 40 peers measured, the topology message stays as small as the member list."""
+    h = H()
+    names = [f"p{i}" for i in range(40)]
+    h.world(*names)
+    ids = [h.pid[c] for c in names]
+    h.core.bandwidth = {(a, b): 1e8 + 1e6 * ((a * 7 + b) % 50) for a in ids for b in ids if a != b}
+    out = h.vote_all(*names)
+    topos = [s.msg for s in of(out, m.Topology)]
+    assert len(topos) == len(names)
+    rates = topos[0].rates
+    assert [(r.group, r.inside, r.between) for r in rates] == [(0, min(h.core.bandwidth.values()), 0.0)]
+    bare = m.encode(m.Topology(revision=topos[0].revision, members=topos[0].members))
+    assert len(m.encode(topos[0])) < len(bare) + 64  # 1560 measured pairs add one small entry

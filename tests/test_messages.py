@@ -160,12 +160,12 @@ def test_nested_members_round_trip_in_order():
                     for i in range(5, 0, -1))
     msg = m.Topology(revision=7, members=members)
     assert m.decode(m.encode(msg)).members == members
-    links = (m.LinkRate(src=1, dst=2, bytes_per_second=1.25e8), m.LinkRate(src=2, dst=1, bytes_per_second=3e9))
-    back = m.decode(m.encode(m.Topology(revision=7, members=members, links=links)))
-    assert back.links == links and back.members == members
+    rates = (m.GroupRates(group=0, inside=3e9, between=1.25e8), m.GroupRates(group=1, inside=0.0, between=1e8))
+    back = m.decode(m.encode(m.Topology(revision=7, members=members, rates=rates)))
+    assert back.rates == rates and back.members == members
     with pytest.raises(ProtocolError):  # a rate must be a float
-        m.decode(msgpack.packb([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [], "links": [
-            {"src": 1, "dst": 2, "bytes_per_second": 5}]}]))
+        m.decode(msgpack.packb([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [], "rates": [
+            {"group": 0, "inside": 5, "between": 1.0}]}]))
 
 
 class _NotAMessage:
@@ -332,7 +332,7 @@ def structurally_broken(draw):
     version, tag, body = raw_of(msg)
     kind = draw(st.sampled_from(["version", "tag", "fields", "fields", "fields", "envelope"]))
     if kind == "version":
-        version = draw(st.sampled_from([0, 2, 255, -1, 1 << 63, "1", 1.0, True, None, b"\x01", [1], EXT]))
+        version = draw(st.sampled_from([0, m.PROTOCOL_VERSION - 1, m.PROTOCOL_VERSION + 1, 255, -1, 1 << 63, "1", 1.0, True, None, b"\x01", [1], EXT]))
     elif kind == "tag":
         tag = draw(st.one_of(st.text(max_size=12).filter(lambda t: t not in REGISTRY),
                              st.sampled_from([tag.encode(), 1, None, True, [tag], EXT, tag.upper() + "_"])))
@@ -352,7 +352,7 @@ def test_structurally_broken_messages_are_protocol_errors(data):
     must_reject(data)
 
 
-@pytest.mark.parametrize("version", [0, 2, 1 << 62])
+@pytest.mark.parametrize("version", [0, m.PROTOCOL_VERSION - 1, m.PROTOCOL_VERSION + 1, 1 << 62])
 def test_wrong_version_is_refused_with_clear_message(version):
     with pytest.raises(ProtocolError, match="version"):
         m.decode(wire([version, "heartbeat", {}]))
@@ -379,17 +379,17 @@ def test_bool_field_refuses_non_bools(value):
 
 def test_nested_record_defects_are_protocol_errors():
     good = {"peer_id": 1, "group": 0, "host": "h", "port": 2, "locality": ""}
-    ok = wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good], "links": []}])
+    ok = wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good], "rates": []}])
     assert m.decode(ok).members[0].port == 2
     for bad_member in ([1, 0, "h", 2, ""], {**good, "port": -1}, {**good, "host": b"h"},
                        {k: v for k, v in good.items() if k != "host"}, {**good, "x": 0}, {**good, "port": EXT},
                        {**good, "peer_id": True}, None):
-        must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good, bad_member], "links": []}]))
-    must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": good, "links": []}]))
-    must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good]}]))  # no links
-    for bad_link in ({"src": 1, "dst": 2, "bytes_per_second": "fast"}, {"src": -1, "dst": 2, "bytes_per_second": 1.0},
-                     {"src": 1, "dst": 2}, [1, 2, 1.0]):
-        must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good], "links": [bad_link]}]))
+        must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good, bad_member], "rates": []}]))
+    must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": good, "rates": []}]))
+    must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good]}]))  # no rates
+    for bad in ({"group": 0, "inside": "fast", "between": 1.0}, {"group": -1, "inside": 1.0, "between": 1.0},
+                {"group": 0, "inside": 1.0}, [0, 1.0, 1.0]):
+        must_reject(wire([m.PROTOCOL_VERSION, "topology", {"revision": 1, "members": [good], "rates": [bad]}]))
     must_reject(wire([m.PROTOCOL_VERSION, "commence",
                       {"tag": 1, "seq": 1, "revision": 1, "participants": [1, -2]}]))
     must_reject(wire([m.PROTOCOL_VERSION, "commence",
@@ -403,7 +403,7 @@ def test_ext_types_anywhere_are_protocol_errors(ext):
     V = m.PROTOCOL_VERSION
     good = {"peer_id": 1, "group": 0, "host": "h", "port": 2, "locality": ""}
     for obj in (ext, [V, ext, {}], [V, "heartbeat", ext], [V, "kicked", {"reason": ext}],
-                [V, "heartbeat", {}, ext], [V, "topology", {"revision": 1, "members": [{**good, "host": ext}], "links": []}],
+                [V, "heartbeat", {}, ext], [V, "topology", {"revision": 1, "members": [{**good, "host": ext}], "rates": []}],
                 [V, "commence", {"tag": 1, "seq": 1, "revision": 1, "participants": [1, [ext]]}],
                 [V, "kicked", {"reason": "x", ext: 1}]):
         must_reject(wire(obj))

@@ -32,6 +32,7 @@ def test_optimize_measures_rewires_and_keeps_the_shared_state(master, monkeypatc
         assert len(bw) == 6 and all(v > 0 for v in bw.values())
         # AUTO's model now uses the slowest measured link inside the (one) locality
         assert all(c._link_rates == (min(bw.values()), c.config.wan_bytes_per_second) for c in comms)
+        assert {c.locality for c in comms} == {comms[0].locality}  # one locality: nothing measured between
         text = query_status(master.address)
         assert "bandwidth of group 0" in text and "state-rev" in text
         # the re-wired ring reduces correctly and the state survived: nothing moves at the next sync

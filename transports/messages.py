@@ -20,7 +20,7 @@ import msgpack
 
 from pccl.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Topology carries the measured link rates
 _INT_MAX = (1 << 63) - 1
 
 _REGISTRY: dict[str, type] = {}
@@ -62,12 +62,14 @@ class Member:
 
 
 @record
-class LinkRate:
-    """One directed link as optimize_topology measured it (bytes per second from src to dst)."""
+class GroupRates:
+    """What optimize_topology measured in one peer group, as AUTO's cost model uses it: the
+    slowest directed pair inside a locality and the slowest between two localities, in bytes
+    per second (0.0: no such pair measured)."""
 
-    src: int
-    dst: int
-    bytes_per_second: float
+    group: int
+    inside: float
+    between: float
 
 
 @record
@@ -252,12 +254,13 @@ class PendingReply:
 
 @message("topology")
 class Topology:
-    """The new world: members in ring order (per group, order of appearance), and the link
-    bandwidths measured among them so far (what AUTO's cost model uses)."""
+    """The new world: members in ring order (per group, order of appearance), and per group
+    the link bandwidths measured among its members so far (what AUTO's cost model uses; one
+    entry per group, so the message stays small however many pairs were measured)."""
 
     revision: int
     members: tuple[Member, ...]
-    links: tuple[LinkRate, ...] = ()
+    rates: tuple[GroupRates, ...] = ()
 
 
 @message("commence")
