@@ -20,9 +20,11 @@ How it works
    T = max(T_A, T_B, T_C) + (T_A + T_C)/M: the slowest phase plus filling and draining the
    pipeline.
 5. β and β_w come from measurements when there are some: after ``optimize_topology`` the
-   topology carries the measured bandwidth of every directed pair, and the slowest measured pair
-   inside a locality sets β, the slowest between two localities sets β_w
-   (:func:`measured_rates`). The configured figures stand in for a kind nobody measured.
+   master takes, per group, the slowest measured directed pair inside a locality (β) and the
+   slowest between two localities (β_w) (:func:`measured_rates`), and the topology carries the
+   two figures to every peer. The configured figures stand in for a kind nobody measured
+   (:func:`link_rates`). The model assumes a locality's members share one link out, which holds
+   for the default label (the host name).
 6. The cheapest wins; ties go to the ring, then star. Every peer computes this from the same
    inputs (its config and the topology); the resolved algorithm travels in the announcement, so
    peers whose configs disagree fail the op with InvalidUsage instead of running different
