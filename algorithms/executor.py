@@ -77,26 +77,30 @@ def take_buffer(pool: BufferPool | None, nbytes: int, pooled: list[np.ndarray]) 
 
 
 class EncodedSlots:
-    """One buffer (:func:`take_buffer`) holding every encoded piece a quantized job keeps: its own
-    final pieces, which it sends, and the pieces it receives, each at a fixed slot."""
+    """Every encoded piece a quantized job keeps (its own final pieces, which it sends, and the
+    pieces it receives), each at a fixed slot of one buffer: the layout is made first (``nbytes``),
+    then a buffer is bound (:meth:`bind`, or :meth:`take` from a pool)."""
 
-    def __init__(self, codec: Quantization, counts: dict, pool: BufferPool | None,
-                 pooled: list[np.ndarray], buf: np.ndarray | None = None) -> None:
-        """``counts``: key -> element count of each piece to hold. ``buf``: the buffer to use
-        (at least :meth:`size` bytes), else one from :func:`take_buffer`."""
+    def __init__(self, codec: Quantization, counts: dict) -> None:
+        """``counts``: key -> element count of each piece to hold."""
         self._at: dict = {}
-        total = 0
+        self.nbytes = 0
         for key, n in counts.items():
             size = codecs.encoded_size(codec, n)
-            self._at[key] = (total, total + size)
-            total += size
-        if buf is not None and buf.size < total:
-            raise ValueError(f"encoded slots need {total} bytes, the buffer given has {buf.size}")
-        self.buf = take_buffer(pool, total, pooled) if buf is None else buf[:total]
+            self._at[key] = (self.nbytes, self.nbytes + size)
+            self.nbytes += size
+        self.buf: np.ndarray | None = None
 
-    @staticmethod
-    def size(codec: Quantization, counts: dict) -> int:
-        return sum(codecs.encoded_size(codec, n) for n in counts.values())
+    def bind(self, buf: np.ndarray) -> EncodedSlots:
+        """Use ``buf`` (uint8, at least ``nbytes``) for the slots."""
+        if buf.size < self.nbytes:
+            raise ValueError(f"encoded slots need {self.nbytes} bytes, the buffer given has {buf.size}")
+        self.buf = buf[:self.nbytes]
+        return self
+
+    def take(self, pool: BufferPool | None, pooled: list[np.ndarray]) -> EncodedSlots:
+        """Bind a buffer from :func:`take_buffer`."""
+        return self.bind(take_buffer(pool, self.nbytes, pooled))
 
     def __getitem__(self, key) -> np.ndarray:
         lo, hi = self._at[key]
@@ -155,11 +159,11 @@ class LaneJob:
             raise self.failed if isinstance(self.failed, PcclError) else PeerFailure(str(self.failed))
 
 
-def ring_slot_counts(plan: RingPlan) -> dict:
-    """(chunk, piece) -> element count of every non-empty piece: the encoded pieces a quantized
-    ring job keeps."""
-    return {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
-            for lo, hi in [plan.piece(c, j)] if hi > lo}
+def ring_slots(codec: Quantization, plan: RingPlan) -> EncodedSlots:
+    """The slots (no buffer bound yet) of the encoded pieces a quantized ring job keeps: every
+    non-empty (chunk, piece)."""
+    return EncodedSlots(codec, {(c, j): hi - lo for c in range(plan.world) for j in range(plan.pieces)
+                                for lo, hi in [plan.piece(c, j)] if hi > lo})
 
 
 class RingJob(LaneJob):
@@ -169,23 +173,23 @@ class RingJob(LaneJob):
                  links: LinkSet, max_frame: int, backup: Backup | None = None,
                  codec: Quantization = Quantization.NONE, gate: Callable[[], None] | None = None,
                  restored_by_caller: bool = False, pool: BufferPool | None = None, step_base: int = 0,
-                 slots_buffer: np.ndarray | None = None) -> None:
+                 slots: EncodedSlots | None = None) -> None:
         """``backup`` (of ``inp``, for this plan) is required when ``out is inp``, unless
         ``restored_by_caller`` (a hierarchical job that backs up the whole buffer itself). A
         ``codec`` other than NONE needs float32 buffers and op SUM or AVG. ``gate()`` runs first in
         every lane program (it blocks until the ring's input is ready, or raises). ``pool``: where
         the quantized op's encoded pieces live (see :class:`EncodedSlots`). ``step_base`` is added to
         every frame's step (several rings of one op on the same links stay distinguishable).
-        ``slots_buffer``: where the encoded pieces live instead (``EncodedSlots.size(codec,
-        ring_slot_counts(plan))`` bytes at least), so that several rings share one pooled buffer."""
+        ``slots``: the encoded pieces' slots with a buffer already bound (:func:`ring_slots`), so
+        that several rings can share one pooled buffer; else they are taken from ``pool``."""
         super().__init__()
         self.plan, self.seq, self.op = plan, seq, op
         self.codec = None if codec is Quantization.NONE else codec
         if self.codec is not None and (inp.dtype != np.float32 or op not in (ReduceOp.SUM, ReduceOp.AVG)):
             raise ValueError("quantized ring jobs reduce float32 with SUM or AVG")
         # encoded all-gather pieces by (chunk, piece): the owner's, then each one received
-        self._slots = None if self.codec is None or plan.world == 1 else EncodedSlots(
-            self.codec, ring_slot_counts(plan), pool, self.pooled, slots_buffer)
+        self._slots = None if self.codec is None or plan.world == 1 else (
+            slots if slots is not None else ring_slots(self.codec, plan).take(pool, self.pooled))
         self.inp, self.out = inp, out
         self.links = links
         self.max_frame = max_frame

@@ -40,7 +40,7 @@ from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PcclTimeout
 from pccl.algorithms import codecs, kernels, ring
 from pccl.algorithms.backup import Backup
-from pccl.algorithms.executor import (EncodedSlots, LaneJob, RingJob, _bytes, recv_header, ring_slot_counts,
+from pccl.algorithms.executor import (EncodedSlots, LaneJob, RingJob, _bytes, recv_header, ring_slots,
                                       send_frame, take_buffer)
 from pccl.algorithms.groups import STEP_BROADCAST, STEP_REDUCE, GroupPlan
 from pccl.transports import framing
@@ -80,8 +80,8 @@ class GroupJob(LaneJob):
         if j is not None and self.codec is not None:  # received pieces by (member, p), own by (-1, p)
             pieces = [(p, hi - lo) for p in range(plan.pieces) for lo, hi in [plan.piece(j, p)] if hi > lo]
             self._slots = EncodedSlots(self.codec, {(x, p): n for x in plan.members if x != plan.rank
-                                                    for p, n in pieces} | {(-1, p): n for p, n in pieces},
-                                       pool, self.pooled)
+                                                    for p, n in pieces} | {(-1, p): n for p, n in pieces}
+                                       ).take(pool, self.pooled)
         elif j is not None:  # raw values, one buffer per member
             lo, hi = plan.shards[j]
             for x in plan.members:
@@ -115,18 +115,20 @@ class GroupJob(LaneJob):
                 spans = [plan.segment_range(j, s) for s in range(len(plan.segments))]
                 rplans = [ring.plan(hi - lo, len(column), g, self.out.dtype.itemsize, self.pipeline_bytes,
                                     self.mesh.k) for lo, hi in spans]
-                bufs: list[np.ndarray | None] = [None] * len(rplans)
+                slots: list[EncodedSlots | None] = [None] * len(rplans)
                 if self.codec is not None:  # one pooled buffer for the encoded pieces of every ring
-                    sizes = [EncodedSlots.size(self.codec, ring_slot_counts(rp)) for rp in rplans]
-                    whole = take_buffer(self.pool, sum(sizes), self.pooled)
-                    at = np.cumsum([0] + sizes)
-                    bufs = [whole[at[s]:at[s + 1]] for s in range(len(sizes))]
+                    slots = [ring_slots(self.codec, rp) for rp in rplans]
+                    whole = take_buffer(self.pool, sum(sl.nbytes for sl in slots), self.pooled)
+                    at = 0
+                    for sl in slots:
+                        sl.bind(whole[at:at + sl.nbytes])
+                        at += sl.nbytes
                 for s, ((lo, hi), rplan) in enumerate(zip(spans, rplans)):
                     view = self.out[lo:hi]
                     self.rings.append(RingJob(
                         rplan, self.seq, ReduceOp.SUM if self.op is ReduceOp.AVG else self.op, view, view, links,
                         self.max_frame, codec=self.codec or Quantization.NONE, restored_by_caller=True,
-                        gate=lambda s=s: self._segment_reduced(s), step_base=s * steps, slots_buffer=bufs[s]))
+                        gate=lambda s=s: self._segment_reduced(s), step_base=s * steps, slots=slots[s]))
             for x in plan.members:  # phase C sends
                 if x != plan.rank:
                     conns = self.mesh.send(self.peers[x])
