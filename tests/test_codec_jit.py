@@ -223,13 +223,14 @@ print(os.waitstatus_to_exitcode(status), C.load_kernels(240))
 
 
 PEER = """
-import hashlib, json, sys
+import hashlib, json, sys, time
 import numpy as np
 import pccl
 from pccl.algorithms import codecs as C
 compiled = C.load_kernels(240)
 c = pccl.Communicator(sys.argv[1]).connect()
-while c.world_size < 2:
+end = time.monotonic() + 120
+while c.world_size < 2 and time.monotonic() < end:
     c.update_topology()
 out = {"compiled": compiled, "digests": {}}
 for q in ("uint8", "int8", "fp4", "fp16", "bf16"):
