@@ -261,26 +261,31 @@ class ControlChannel:
 
     def _run(self) -> None:
         cfg = self.config
+        poller, polled = zmq.Poller(), (None, None)
         try:
             while not self._closed.is_set():
-                poller = zmq.Poller()
-                poller.register(self._pull, zmq.POLLIN)
-                if self._dealer is not None:
-                    poller.register(self._dealer, zmq.POLLIN)
-                if self._monitor is not None:
-                    poller.register(self._monitor, zmq.POLLIN)
+                if polled != (self._dealer, self._monitor):  # a new connection: poll its sockets
+                    poller, polled = zmq.Poller(), (self._dealer, self._monitor)
+                    for sock in (self._pull, *polled):
+                        if sock is not None:
+                            poller.register(sock, zmq.POLLIN)
                 now = time.monotonic()
                 wait = min(self._core.next_deadline() - now, 0.2)
                 if self._core.phase is rc.Phase.CONNECTED:
                     wait = min(wait, cfg.heartbeat_interval - (now - self._last_sent))
                 wait_ms = max(int(wait * 1000), 0) + 1
-                poller.poll(wait_ms)
+                ready = dict(poller.poll(wait_ms))
                 late = time.monotonic() - now - wait_ms / 1000
                 if late > STALL_SECONDS:  # this process was frozen or starved, not the master silent
                     self._core.stalled(time.monotonic(), late)
-                self._read_dealer()
-                self._read_monitor()
-                self._forward()
+                # Only the sockets the poll found readable: a receive that finds nothing raises
+                # zmq.Again, and that costs more than the poll (several wake-ups per collective).
+                if self._dealer is not None and self._dealer in ready:
+                    self._read_dealer()
+                if self._monitor is not None and self._monitor in ready:
+                    self._read_monitor()
+                if self._pull in ready:
+                    self._forward()
                 now = time.monotonic()
                 if self._core.phase is rc.Phase.CONNECTED and now - self._core.last_heard > self._core.silence:
                     self._read_dealer()  # a peer that was frozen reads what waited for it first
