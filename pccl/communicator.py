@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pccl import tensors
+from pccl import coalesce, tensors
 from pccl.buffers import BufferPool
 from pccl.config import Config, resolve
 from pccl.enums import Algorithm, Quantization, ReduceOp, SyncStrategy
@@ -632,11 +632,17 @@ class Communicator:
     def all_reduce_many(self, tensors: list, op: ReduceOp = ReduceOp.SUM,
                         quantization: Quantization = Quantization.NONE, algorithm: Algorithm = Algorithm.AUTO,
                         max_in_flight: int = 16, tag_base: int = 0, retries: int = 5,
-                        timeout: float | None = None) -> list[ReduceInfo]:
-        """All-reduce every tensor of ``tensors`` in place, up to ``max_in_flight`` at once (tags
-        ``tag_base .. tag_base + max_in_flight - 1``), in list order on every peer.
+                        timeout: float | None = None, bucket_bytes: int | None = None) -> list[ReduceInfo]:
+        """All-reduce every tensor of ``tensors`` in place, up to ``max_in_flight`` collectives at
+        once (tags ``tag_base .. tag_base + max_in_flight - 1``), in list order on every peer.
 
-        Tensors whose op fails with PeerFailure or Aborted are retried after
+        Unquantized, tensors under ``bucket_bytes`` (None: ``Config.bucket_bytes``; 0: never) are
+        coalesced per dtype into buckets of up to that size, one collective each
+        (:mod:`pccl.coalesce`): a small op costs about as much as a 1 MiB one. Tensors of one
+        bucket share its ReduceInfo. Quantized ops stay one per tensor (codec scales are per
+        chunk, so a bucket would let one tensor's range set another's precision).
+
+        Tensors whose collective fails with PeerFailure or Aborted are retried after
         ``update_topology(admit=False)`` (dead peers dropped, newcomers kept waiting), up to
         ``retries`` times: so, like PCCL, tensors reduced before a death count the old world and
         retried ones the survivors (``ReduceInfo.world_size`` says which). Returns one ReduceInfo
@@ -647,40 +653,59 @@ class Communicator:
             raise InvalidUsage(f"max_in_flight must be an int in 1..{self.config.max_in_flight}")
         if type(tag_base) is not int or tag_base < 0 or tag_base + max_in_flight > SYNC_TAG:
             raise InvalidUsage("tag_base must be a non-negative int")
+        cap = self.config.bucket_bytes if bucket_bytes is None else bucket_bytes
+        if type(cap) is not int or cap < 0:
+            raise InvalidUsage("bucket_bytes must be a non-negative int")
+        try:
+            if Quantization(quantization) is not Quantization.NONE:
+                cap = 0
+        except ValueError:
+            cap = 0  # all_reduce_async raises InvalidUsage for it
+        shapes = [coalesce.nbytes_and_kind(t) for t in tensors]
         results: list[ReduceInfo | None] = [None] * len(tensors)
         todo = list(range(len(tensors)))
         retry = (PeerFailure, Aborted)
         for attempt in range(retries + 1):
             failed: list[int] = []
             error: PcclError | None = None
-            window: list[tuple[int, AllReduceHandle]] = []
+            window: list[tuple[list[int], coalesce.Bucket | None, AllReduceHandle]] = []
 
-            def note(i: int, exc: PcclError) -> None:
+            def note(idx: list[int], exc: PcclError) -> None:
                 nonlocal error
-                failed.append(i)
+                failed.extend(idx)
                 if error is None or (isinstance(error, retry) and not isinstance(exc, retry)):
                     error = exc
 
-            def reap(i: int, h: AllReduceHandle) -> None:
+            def reap(idx: list[int], bucket: coalesce.Bucket | None, h: AllReduceHandle) -> None:
                 try:
-                    results[i] = h.wait()
+                    info = h.wait()
                 except PcclError as exc:
-                    note(i, exc)
+                    note(idx, exc)
+                    return
+                if bucket is not None:
+                    bucket.scatter()
+                for i in idx:
+                    results[i] = info
 
-            for n, i in enumerate(todo):
+            plan = coalesce.plan([shapes[i][0] for i in todo], [shapes[i][1] or None for i in todo], cap)
+            for n, members in enumerate(plan):
+                idx = [todo[j] for j in members]
                 if len(window) == max_in_flight:
                     reap(*window.pop(0))
                 if error is not None:  # the group needs a topology update: stop starting ops
-                    failed.append(i)
+                    failed.extend(idx)
                     continue
                 try:
-                    window.append((i, self.all_reduce_async(
-                        tensors[i], op=op, quantization=quantization, algorithm=algorithm,
+                    bucket = (coalesce.Bucket([tensors[i] for i in idx], [f"tensors[{i}]" for i in idx])
+                              if len(idx) > 1 else None)
+                    src, dst = (bucket.src, bucket.dst) if bucket is not None else (tensors[idx[0]], None)
+                    window.append((idx, bucket, self.all_reduce_async(
+                        src, dst, op=op, quantization=quantization, algorithm=algorithm,
                         tag=tag_base + n % max_in_flight, timeout=timeout)))
                 except PcclError as exc:
-                    note(i, exc)
-            for i, h in window:
-                reap(i, h)
+                    note(idx, exc)
+            for item in window:
+                reap(*item)
             if not failed:
                 return [r for r in results if r is not None]
             assert error is not None

@@ -18,7 +18,7 @@ from pccl.errors import InvalidUsage
 
 
 #: Fields where 0 is meaningful (it switches the feature off).
-_ZERO_ALLOWED = frozenset({"master_reconnect_timeout"})
+_ZERO_ALLOWED = frozenset({"master_reconnect_timeout", "bucket_bytes"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class Config:
     max_half_open: int = 64
     #: Collectives in flight at once per communicator.
     max_in_flight: int = 16
+    #: all_reduce_many coalesces unquantized tensors smaller than this into buckets of up to this
+    #: many bytes, one collective per bucket (pccl.coalesce); 0: one collective per tensor.
+    bucket_bytes: int = 4 << 20
     #: Duration of one bandwidth probe of optimize_topology (one directed pair).
     probe_seconds: float = 1.0
     #: AUTO's cost model (ALGORITHMS.md §6, docs/benchmarks.md): seconds per message hop (alpha),

@@ -67,3 +67,88 @@ def test_failed_tensors_are_retried_among_the_survivors_and_newcomers_wait(maste
         assert errs == [None, None] and late.world_size == 3
     finally:
         close_all(comms[:2] + ([late] if late else []))
+
+
+def mixed(i):
+    """Tensors of several dtypes and sizes, filled with values exact in every dtype."""
+    out = []
+    for k in range(30):
+        dtype = (np.float32, np.float64, np.int32, np.float16)[k % 4]
+        out.append(np.full((k % 7) * 300 + (k % 3), i + 1 + k % 5, dtype=dtype))
+    out.append(np.full(40000, i + 1.0, np.float32))  # 160 KB: over the cap, a bucket of its own
+    out.append(np.zeros((0,), np.float32))
+    return out
+
+
+def test_small_tensors_are_coalesced_per_dtype_and_stay_bit_identical(master):
+    torch = pytest.importorskip("torch")
+    comms = group(master, 3)
+    cap = 64 << 10
+    try:
+        ts = [mixed(i) + [torch.full((500,), float(i + 1)), torch.full((300,), float(i + 2), dtype=torch.bfloat16)]
+              for i in range(3)]
+        expect = [sum(np.asarray(t[k], dtype=np.float64) if not hasattr(t[k], "float") else t[k].float().numpy()
+                      for t in ts) for k in range(len(ts[0]))]
+        out, errs = together([lambda c=c, t=t: c.all_reduce_many(t, max_in_flight=3, bucket_bytes=cap)
+                              for c, t in zip(comms, ts)])
+        assert errs == [None] * 3
+        sizes_kinds = [pccl.coalesce.nbytes_and_kind(x) for x in ts[0]]
+        buckets = pccl.coalesce.plan([s for s, _ in sizes_kinds], [k for _, k in sizes_kinds], cap)
+        assert 4 < len(buckets) < len(ts[0]) // 2
+        for o in out:  # one collective per bucket: its tensors share the bucket's ReduceInfo
+            assert len(o) == len(ts[0]) and all(r.world_size == 3 for r in o)
+            assert len({id(r) for r in o}) == len(buckets)
+            assert all(o[b[0]] is o[i] for b in buckets for i in b)
+        for k in range(len(ts[0])):
+            got = [t[k].float().numpy() if hasattr(t[k], "float") else t[k] for t in ts]
+            assert (got[0] == expect[k]).all(), k
+            assert got[0].tobytes() == got[1].tobytes() == got[2].tobytes()
+        assert ts[0][-1].dtype == torch.bfloat16 and [ts[0][k].dtype for k in (8, 9, 10, 11)] == [
+            np.float32, np.float64, np.int32, np.float16]  # dtypes kept
+
+        # bucket_bytes=0 and quantized ops: one collective per tensor
+        small = [[np.full(100, float(i + k), np.float32) for k in range(5)] for i in range(3)]
+        for kw in ({"bucket_bytes": 0}, {"quantization": pccl.Quantization.UINT8}):
+            out, errs = together([lambda c=c, t=t: c.all_reduce_many(t, **kw) for c, t in zip(comms, small)])
+            assert errs == [None] * 3 and len({id(r) for r in out[0]}) == 5, kw
+        with pytest.raises(pccl.InvalidUsage, match="bucket_bytes"):
+            comms[0].all_reduce_many(small[0], bucket_bytes=-1)
+    finally:
+        close_all(comms)
+
+
+def test_a_failed_bucket_leaves_all_its_tensors_unchanged(master):
+    comms = group(master, 3)
+    try:
+        n, cap = 400, 4096  # 1 KiB tensors, 4 per bucket: 100 collectives
+        ts = [[np.full(256, float(i + 1) * (k + 1), np.float32) for k in range(n)] for i in range(3)]
+        before = [[x.copy() for x in t] for t in ts]
+
+        def closer():  # once the victim's first bucket committed, with 99 collectives to go
+            deadline = time.monotonic() + 30
+            while ts[2][0][0] != 6.0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            comms[2].close()
+
+        def victim():
+            threading.Thread(target=closer, daemon=True).start()
+            comms[2].all_reduce_many(ts[2], max_in_flight=2, bucket_bytes=cap, retries=0)
+        _, errs = together([lambda: comms[0].all_reduce_many(ts[0], max_in_flight=2, bucket_bytes=cap, retries=0),
+                            lambda: comms[1].all_reduce_many(ts[1], max_in_flight=2, bucket_bytes=cap, retries=0),
+                            victim])
+        assert isinstance(errs[0], (pccl.PeerFailure, pccl.Aborted)), errs
+        assert isinstance(errs[1], (pccl.PeerFailure, pccl.Aborted)), errs
+        done = []
+        for k in range(n):
+            reduced = ts[0][k][0] == 6.0 * (k + 1)
+            if reduced:
+                assert (ts[0][k] == 6.0 * (k + 1)).all()
+            else:
+                assert ts[0][k].tobytes() == before[0][k].tobytes() and ts[1][k].tobytes() == before[1][k].tobytes()
+            assert ts[0][k].tobytes() == ts[1][k].tobytes() or not reduced
+            done.append(reduced)
+        assert done[0] and not done[-1], "the peer died before the first or after the last bucket"
+        for b in range(0, n, 4):  # a bucket is reduced or left alone as a whole
+            assert len(set(done[b:b + 4])) == 1, b
+    finally:
+        close_all(comms[:2])
