@@ -12,7 +12,9 @@ How it works
 3. One measurement, on every rank: fill a preallocated float buffer with ``rank + 1``, run the
    warmup all-reduces, refill, barrier (a one-element all-reduce), time ``iters`` consecutive
    in-place SUM all-reduces of the buffer. Per-op time = elapsed / iters; the parent takes the
-   maximum over ranks. busbw = S / t * 2(N-1)/N (S in bytes, GB = 1e9 B).
+   maximum over ranks. busbw = S / t * 2(N-1)/N (S in bytes, GB = 1e9 B). With ``--tensors T``
+   the buffer is T equal tensors (views) and one "op" is the whole list: pccl's
+   ``all_reduce_many`` against T gloo ``all_reduce(async_op=True)`` calls queued before waiting.
 4. Correctness guard: after the timed loop every element must equal N(N+1)/2 * N^(iters-1)
    (integers, exact in float32 below 2^24). A mismatch fails the run loudly (exit status 1).
 5. Reported per (system, N, size): the median over repeats of busbw and of time per op; the ratio
@@ -150,18 +152,25 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
             raise BenchError(f"pccl world has {comm.world_size} peers, expected {n}")
         return ("ready", index, comm.rank, comm.world_size, os.getpid())
 
-    def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto") -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto", tensors: int = 1) -> tuple:
         assert comm is not None
         n, rank = comm.world_size, comm.rank
         buf = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
+        parts = np.array_split(buf, tensors)  # views of buf
+
+        def reduce() -> Any:
+            if tensors == 1:
+                return comm.all_reduce(buf, algorithm=algorithm)
+            return comm.all_reduce_many(parts, algorithm=algorithm)[0]
+
         buf.fill(rank + 1)
         for _ in range(warmup):
-            comm.all_reduce(buf, algorithm=algorithm)
+            reduce()
         buf.fill(rank + 1)
         comm.all_reduce(tiny, algorithm="ring")  # barrier
         t0 = time.perf_counter()
         for _ in range(iters):
-            info = comm.all_reduce(buf, algorithm=algorithm)
+            info = reduce()
         dt = time.perf_counter() - t0
         return (rank, dt / iters, _check(buf, n, iters, np), info.algorithm)
 
@@ -197,16 +206,26 @@ def _gloo_worker(conn: Connection, rank: int, n: int, init_method: str, dtype: s
     tiny = torch.zeros(1, dtype=tdtype)
     conn.send(("ready", rank, rank, n, os.getpid(), torch.__version__))
 
-    def measure(nbytes: int, iters: int, warmup: int, _algorithm: str = "") -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, _algorithm: str = "", tensors: int = 1) -> tuple:
         buf = torch.empty(nbytes // tiny.element_size(), dtype=tdtype)
+        parts = torch.tensor_split(buf, tensors)  # views of buf
+
+        def reduce() -> None:
+            if tensors == 1:
+                dist.all_reduce(buf)
+                return
+            # one op per tensor, all queued at once: gloo's own pipeline, no Python between ops
+            for work in [dist.all_reduce(p, async_op=True) for p in parts]:
+                work.wait()
+
         buf.fill_(rank + 1)
         for _ in range(warmup):
-            dist.all_reduce(buf)
+            reduce()
         buf.fill_(rank + 1)
         dist.all_reduce(tiny)  # barrier
         t0 = time.perf_counter()
         for _ in range(iters):
-            dist.all_reduce(buf)
+            reduce()
         dt = time.perf_counter() - t0
         return (rank, dt / iters, _check(buf.numpy(), n, iters, np), "gloo")
 
@@ -357,7 +376,7 @@ def _measure(group: _Group, system: str, nbytes: int, opts: argparse.Namespace,
     """(max per-op seconds over ranks, per-rank per-op seconds by rank, the algorithm that ran)."""
     ws = group.of(system)
     for w in ws:
-        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm))
+        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm, opts.tensors))
     replies = group.collect(ws, opts.timeout, f"a {system} measurement of {_fmt_size(nbytes)}")
     per_rank = [0.0] * len(ws)
     ran = set()
@@ -429,6 +448,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithms", nargs="+", default=["auto"], choices=["auto", "ring", "star", "hierarchical"],
                    help="pccl algorithms to measure besides AUTO (e.g. ring star: the table then says what "
                         "AUTO picked and which forced algorithm was fastest)")
+    p.add_argument("--tensors", type=int, default=1,
+                   help="split each buffer into this many equal tensors: pccl reduces them with one "
+                        "all_reduce_many call (small ones coalesced into buckets), gloo with one async "
+                        "all_reduce per tensor, all queued before waiting; times are per list (default 1)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--json", metavar="PATH", help="write every raw measurement and the summary as JSON")
     p.add_argument("--markdown", metavar="PATH", help="append the table (and the command line) to this file")
@@ -450,9 +473,13 @@ def _validate(opts: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     if not 1 <= opts.connections <= 16:
         p.error("--connections must be in 1..16")
     item = 4 if opts.dtype == "float32" else 8
+    if opts.tensors < 1:
+        p.error("--tensors must be at least 1")
     for s in opts.sizes:
         if s % item:
             p.error(f"size {s} B is not a multiple of the {opts.dtype} item size")
+        if s // item < opts.tensors:
+            p.error(f"size {s} B holds fewer than --tensors {opts.tensors} elements")
     if opts.timeout <= 0 or opts.setup_timeout <= 0:
         p.error("timeouts must be positive")
 
@@ -523,6 +550,8 @@ def format_table(rows: list[dict]) -> str:
 def format_markdown(rows: list[dict], command: str, meta: dict) -> str:
     out = [f"### `{command}`", "",
            f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs); {meta['dtype']} SUM in place, "
+           + (f"each buffer as {meta['tensors']} tensors (pccl all_reduce_many, gloo async ops), "
+              if meta.get("tensors", 1) > 1 else "") +
            f"median of {meta['repeats']} interleaved repeats x {meta['iters']} timed ops; busbw = S/t·2(N-1)/N "
            f"(GB = 1e9 B); t = max over ranks; torch {meta.get('torch', '?')}; pccl {meta.get('pccl_git') or '?'}", "",
            "| " + " | ".join(_head(rows)) + " |",
@@ -582,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
         "cpus": os.cpu_count(), "python": platform.python_version(), "dtype": opts.dtype, "iters": opts.iters,
         "warmup": opts.warmup, "repeats": opts.repeats, "connections": opts.connections, "peers": opts.peers,
+        "tensors": opts.tensors,
         "sizes_bytes": opts.sizes,
     }
     meta["pccl_git"] = _git_revision()

@@ -38,6 +38,22 @@ def test_bench_runs_both_systems(tmp_path, capsys) -> None:
     assert md.startswith("### `pccl bench --peers 2") and "| 2 | 64 KiB |" in md
 
 
+@needs_torch
+@pytest.mark.timeout(120)
+def test_bench_with_a_list_of_tensors(tmp_path, capsys) -> None:
+    """--tensors: pccl's all_reduce_many against gloo's async ops; the correctness guard checks
+    every element of every tensor (they are views of one buffer)."""
+    out_md = tmp_path / "r.md"
+    rc = bench.main(["--peers", "2", "--sizes", "64K", "--tensors", "5", "--iters", "2", "--warmup", "1",
+                     "--repeats", "1", "--markdown", str(out_md), "--quiet"])
+    assert rc == 0
+    assert "each buffer as 5 tensors" in out_md.read_text() and "gloo GB/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--peers", "2", "--sizes", "16", "--tensors", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--peers", "2", "--sizes", "1K", "--tensors", "300"])  # 256 float32 elements
+
+
 def test_correctness_guard_detects_a_wrong_element() -> None:
     import numpy as np
 
