@@ -640,7 +640,10 @@ class Communicator:
         coalesced per dtype into buckets of up to that size, one collective each
         (:mod:`pccl.coalesce`): a small op costs about as much as a 1 MiB one. Tensors of one
         bucket share its ReduceInfo. Quantized ops stay one per tensor (codec scales are per
-        chunk, so a bucket would let one tensor's range set another's precision).
+        chunk, so a bucket would let one tensor's range set another's precision). Bucketed, the
+        first collective carries a digest of the whole list's sizes and dtypes and nothing else
+        starts before it commenced, so lists that differ across peers raise InvalidUsage on every
+        peer at once. A tensor may appear only once in the list.
 
         Tensors whose collective fails with PeerFailure or Aborted are retried after
         ``update_topology(admit=False)`` (dead peers dropped, newcomers kept waiting), up to
@@ -661,16 +664,19 @@ class Communicator:
                 cap = 0
         except ValueError:
             cap = 0  # all_reduce_async raises InvalidUsage for it
-        shapes = [coalesce.nbytes_and_kind(t) for t in tensors]
+        shapes = [coalesce.describe(t) for t in tensors]
+        starts = [a for size, _, a in shapes if size]
+        if len(set(starts)) != len(starts):
+            raise InvalidUsage("all_reduce_many: a tensor appears twice in the list (tensors must not share memory)")
         results: list[ReduceInfo | None] = [None] * len(tensors)
         todo = list(range(len(tensors)))
         retry = (PeerFailure, Aborted)
         for attempt in range(retries + 1):
             failed: list[int] = []
-            error: PcclError | None = None
+            error: BaseException | None = None
             window: list[tuple[list[int], coalesce.Bucket | None, AllReduceHandle]] = []
 
-            def note(idx: list[int], exc: PcclError) -> None:
+            def note(idx: list[int], exc: BaseException) -> None:
                 nonlocal error
                 failed.extend(idx)
                 if error is None or (isinstance(error, retry) and not isinstance(exc, retry)):
@@ -679,15 +685,19 @@ class Communicator:
             def reap(idx: list[int], bucket: coalesce.Bucket | None, h: AllReduceHandle) -> None:
                 try:
                     info = h.wait()
-                except PcclError as exc:
+                    if bucket is not None:
+                        bucket.scatter()
+                except Exception as exc:  # noqa: BLE001 - raised once every started op has ended
                     note(idx, exc)
                     return
-                if bucket is not None:
-                    bucket.scatter()
                 for i in idx:
                     results[i] = info
 
-            plan = coalesce.plan([shapes[i][0] for i in todo], [shapes[i][1] or None for i in todo], cap)
+            layout = [shapes[i][:2] for i in todo]
+            # Bucketed, every collective names the whole list's layout, so the master refuses the
+            # first one if peers passed different lists (InvalidUsage), before plans diverge.
+            kind = f"all_reduce_many {coalesce.layout_digest(layout, cap)}" if cap else ""
+            plan = coalesce.plan([size for size, _ in layout], [k or None for _, k in layout], cap)
             for n, members in enumerate(plan):
                 idx = [todo[j] for j in members]
                 if len(window) == max_in_flight:
@@ -699,11 +709,15 @@ class Communicator:
                     bucket = (coalesce.Bucket([tensors[i] for i in idx], [f"tensors[{i}]" for i in idx])
                               if len(idx) > 1 else None)
                     src, dst = (bucket.src, bucket.dst) if bucket is not None else (tensors[idx[0]], None)
-                    window.append((idx, bucket, self.all_reduce_async(
-                        src, dst, op=op, quantization=quantization, algorithm=algorithm,
-                        tag=tag_base + n % max_in_flight, timeout=timeout)))
-                except PcclError as exc:
+                    rec = self._prepare(src, dst, op, quantization, algorithm, tag_base + n % max_in_flight, timeout)
+                    if kind:
+                        rec.announce = dataclasses.replace(rec.announce, kind=kind)
+                    window.append((idx, bucket, AllReduceHandle(self, rec)))
+                except Exception as exc:  # noqa: BLE001 - as in reap
                     note(idx, exc)
+                    continue
+                if kind and n == 0 and not self._commenced(rec):
+                    reap(*window.pop())  # refused (or a world of one): it ends at once
             for item in window:
                 reap(*item)
             if not failed:
@@ -716,6 +730,17 @@ class Communicator:
             self.update_topology(admit=False)
             todo = sorted(failed)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _commenced(self, rec: _Op) -> bool:
+        """Wait until the master commenced ``rec`` (True) or it ended without (refused, failed,
+        or a world of one: False)."""
+        with self._cond:
+            try:
+                self._wait(lambda: rec.commence is not None or rec.refused is not None
+                           or self._ops.get(rec.tag) is not rec, rec.deadline, f"commencement of tag {rec.tag}")
+            except PcclError:
+                return False  # the op's own thread raises the same
+            return rec.commence is not None
 
     def _prepare(self, src: Any, dst: Any, op: Any, quantization: Any, algorithm: Any, tag: Any,
                  timeout: float | None) -> _Op:
@@ -733,6 +758,8 @@ class Communicator:
             raise InvalidUsage(f"src ({sb.dtype}, {sb.array.size} elements) and dst ({db.dtype}, "
                                f"{db.array.size} elements) must match")
         in_place = db.identity == sb.identity
+        if in_place and db.writeback is None and not db.array.flags.writeable:
+            raise InvalidUsage("src: the array is read-only (an in-place all-reduce writes into it)")
         if not in_place and db.writeback is None and sb.writeback is None and np.shares_memory(sb.array, db.array):
             raise InvalidUsage("src and dst overlap partially; pass the same buffer or disjoint ones")
         commit = None
@@ -782,6 +809,7 @@ class Communicator:
                 self._ops.pop(rec.tag, None)
                 if rec.commence is not None:
                     self._by_seq.pop(rec.commence.seq, None)
+                self._cond.notify_all()  # all_reduce_many may wait for this op to end (_commenced)
             if rec.job is None or rec.job.join(0.0):  # no lane can still write into these buffers
                 if rec.backup is not None:
                     self._pool.give(rec.backup.store.view(np.uint8))

@@ -44,6 +44,8 @@ def wrap(x: Any, what: str) -> Buffer:
         name = x.dtype.name
         if name not in SUPPORTED:
             raise InvalidUsage(f"{what}: dtype {name} is not supported (use one of {sorted(SUPPORTED)})")
+        if not x.dtype.isnative:
+            raise InvalidUsage(f"{what}: the array must be in native byte order (use x.astype(x.dtype.newbyteorder('=')))")
         if not x.flags.c_contiguous:
             raise InvalidUsage(f"{what}: the array must be C-contiguous (use np.ascontiguousarray)")
         if not x.flags.writeable and what == "dst":

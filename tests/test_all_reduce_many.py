@@ -92,7 +92,7 @@ def test_small_tensors_are_coalesced_per_dtype_and_stay_bit_identical(master):
         out, errs = together([lambda c=c, t=t: c.all_reduce_many(t, max_in_flight=3, bucket_bytes=cap)
                               for c, t in zip(comms, ts)])
         assert errs == [None] * 3
-        sizes_kinds = [pccl.coalesce.nbytes_and_kind(x) for x in ts[0]]
+        sizes_kinds = [pccl.coalesce.describe(x)[:2] for x in ts[0]]
         buckets = pccl.coalesce.plan([s for s, _ in sizes_kinds], [k for _, k in sizes_kinds], cap)
         assert 4 < len(buckets) < len(ts[0]) // 2
         for o in out:  # one collective per bucket: its tensors share the bucket's ReduceInfo
@@ -152,3 +152,53 @@ def test_a_failed_bucket_leaves_all_its_tensors_unchanged(master):
             assert len(set(done[b:b + 4])) == 1, b
     finally:
         close_all(comms[:2])
+
+
+def test_lists_that_differ_across_peers_fail_at_once_on_every_peer(master):
+    """Bucketed, peers with different lists could plan different numbers of collectives; the
+    first collective names the whole list's layout, so the master refuses it on every peer."""
+    comms = group(master, 2)
+    try:
+        cases = [  # (peer 0's list, peer 1's list)
+            ([np.ones(2, np.float32), np.ones(2, np.float32)], [np.ones(3, np.float32), np.ones(1, np.float32)]),
+            ([np.ones(4, np.float32), np.ones(4, np.float32)], [np.ones(4, np.float32), np.ones(4, np.float64)]),
+            ([np.ones(4, np.float16), np.ones(2, np.float32)], [np.ones(4, np.float32), np.ones(2, np.float32)]),
+        ]
+        for a, b in cases:
+            before = [x.copy() for x in a + b]
+            t0 = time.monotonic()
+            _, errs = together([lambda: comms[0].all_reduce_many(a, timeout=60),
+                                lambda: comms[1].all_reduce_many(b, timeout=60)])
+            assert all(isinstance(e, pccl.InvalidUsage) for e in errs), errs
+            assert time.monotonic() - t0 < 20  # not the 60 s deadline of a collective left waiting
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(a + b, before))
+        # nothing was left waiting on either peer: the next collective on tag 1 pairs correctly
+        xs = [np.full(4, 1.0, np.float32), np.full(4, 2.0, np.float32)]
+        _, errs = together([lambda c=c, x=x: c.all_reduce(x, tag=1, timeout=30) for c, x in zip(comms, xs)])
+        assert errs == [None, None] and (xs[0] == 3.0).all()
+    finally:
+        close_all(comms)
+
+
+def test_bad_lists_are_refused_before_anything_starts(master):
+    comms = group(master, 2)
+    try:
+        x = np.ones(4, np.float32)
+        with pytest.raises(pccl.InvalidUsage, match="twice"):
+            comms[0].all_reduce_many([x, np.ones(4, np.float32), x])
+
+        def lists(i):
+            ro = np.full(4, float(i + 1), np.float32)
+            ro.flags.writeable = False
+            return [np.full(4, float(i + 1), np.float32), ro, np.full(4, float(i + 1), np.float32)]
+        ts = [lists(0), lists(1)]
+        _, errs = together([lambda c=c, t=t: c.all_reduce_many(t, timeout=30) for c, t in zip(comms, ts)])
+        assert all(isinstance(e, pccl.InvalidUsage) and "read-only" in str(e) for e in errs), errs
+        assert all((t[k] == i + 1).all() for i, t in enumerate(ts) for k in range(3))  # one bucket, not started
+        swapped = np.ones(4, np.dtype(np.float32).newbyteorder("S"))
+        with pytest.raises(pccl.InvalidUsage, match="byte order"):
+            comms[0].all_reduce(swapped)
+        with pytest.raises(pccl.InvalidUsage, match="read-only"):
+            comms[0].all_reduce(ts[0][1])
+    finally:
+        close_all(comms)

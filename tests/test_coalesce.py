@@ -56,7 +56,7 @@ def test_bucket_gathers_and_scatters_only_on_request():
 
 
 def test_sizes_and_kinds_of_numpy_and_torch_without_staging():
-    assert coalesce.nbytes_and_kind(np.zeros((2, 3), np.float16)) == (12, "float16")
-    assert coalesce.nbytes_and_kind("not a tensor") == (0, "")
+    assert coalesce.describe(np.zeros((2, 3), np.float16))[:2] == (12, "float16")
+    assert coalesce.describe("not a tensor") == (0, "", 0)
     torch = pytest.importorskip("torch")
-    assert coalesce.nbytes_and_kind(torch.zeros(4, dtype=torch.bfloat16)) == (8, "bfloat16")
+    assert coalesce.describe(torch.zeros(4, dtype=torch.bfloat16))[:2] == (8, "bfloat16")
