@@ -113,7 +113,11 @@ class LaneJob:
 
     def __init__(self) -> None:
         self.seq = 0
+        #: lane progress (pieces received or reduced): lane programs wait on it for each other
         self._cond = threading.Condition()
+        #: the end of the job (no program running) or its failure: the caller waits on it, so
+        #: progress inside the job does not wake the caller (a context switch costs ~0.2 ms here)
+        self._done = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._running = 0
         self.failed: BaseException | None = None
         #: uint8 buffers taken from a pool: the caller gives them back once the lanes stopped
@@ -122,9 +126,12 @@ class LaneJob:
     def _lane_done(self, err: BaseException | None) -> None:
         with self._cond:
             self._running -= 1
-            if err is not None and self.failed is None:
-                self.failed = err
-            self._cond.notify_all()
+            if err is not None:
+                if self.failed is None:
+                    self.failed = err
+                self._cond.notify_all()  # lanes waiting for progress give up
+            if err is not None or self._running == 0:
+                self._done.notify_all()
 
     def _wait_lanes(self, deadline: float) -> None:
         """Block until every lane program finished; raise the first error or PcclTimeout."""
@@ -133,7 +140,7 @@ class LaneJob:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PcclTimeout(f"op {self.seq}: the data transfer did not finish before the deadline")
-                self._cond.wait(min(left, 1.0))
+                self._done.wait(min(left, 1.0))
             if self.failed is not None:
                 raise self.failed
 
@@ -142,6 +149,7 @@ class LaneJob:
             if self.failed is None:
                 self.failed = reason
             self._cond.notify_all()
+            self._done.notify_all()
 
     def _join_lanes(self, timeout: float) -> bool:
         """Wait until no lane program of this job runs any more (after an abort)."""
@@ -151,7 +159,7 @@ class LaneJob:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(min(left, 0.5))
+                self._done.wait(min(left, 0.5))
         return True
 
     def _check(self) -> None:

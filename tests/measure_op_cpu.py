@@ -5,7 +5,8 @@
 Starts a master in this process and ``--peers`` peer processes; each peer runs 5 untimed and then
 ``--ops`` timed in-place all-reduces of ``--elems`` float32 values and prints, per thread (named
 by its Python thread name), the CPU time (user + system, from /proc/self/task/*/stat) per op, and
-the wall time per op. The master's own CPU per op is printed too (its whole process).
+the wall time per op, and the context switches per op of the whole peer process. The master's
+thread's CPU per op is printed too.
 """
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ def _cpu(task_dir: str) -> dict[str, int]:
     return out
 
 
+def _switches(task_dir: str) -> dict[str, int]:
+    """Context switches (voluntary + involuntary) per thread id."""
+    out = {}
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/status") as fh:
+                out[tid] = sum(int(line.split()[1]) for line in fh if "ctxt_switches" in line)
+        except OSError:
+            pass
+    return out
+
+
 def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
     import pccl
 
@@ -47,17 +60,22 @@ def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
     for _ in range(5):
         c.all_reduce(x)
     rank = c.rank
-    c0, w0 = _cpu("/proc/self/task"), time.monotonic()
+    s0, c0, w0 = _switches("/proc/self/task"), _cpu("/proc/self/task"), time.monotonic()
     for _ in range(ops):
         c.all_reduce(x)
-    c1, w1 = _cpu("/proc/self/task"), time.monotonic()
+    c1, w1, s1 = _cpu("/proc/self/task"), time.monotonic(), _switches("/proc/self/task")
     names = {str(t.native_id): t.name for t in threading.enumerate()}
     per = {}
     for tid, ticks in c1.items():
         name = names.get(tid, "native")  # zmq's I/O thread is not a Python thread
         name = "pccl-lane" if name.startswith("pccl-lane") else name
         per[name] = per.get(name, 0.0) + (ticks - c0.get(tid, 0)) / TICK / ops * 1e3
-    results.put((rank, (w1 - w0) / ops * 1e3, per))
+    switches = {}
+    for tid, v in s1.items():
+        name = names.get(tid, "native")
+        name = "pccl-lane" if name.startswith("pccl-lane") else name
+        switches[name] = switches.get(name, 0.0) + (v - s0.get(tid, 0)) / ops
+    results.put((rank, (w1 - w0) / ops * 1e3, per, switches))
     c.close()
 
 
@@ -82,10 +100,12 @@ def main() -> None:
         for pr in procs:
             pr.join(30)
     print(f"{a.peers} peers, {a.elems * 4} B per op, {a.ops} ops")
-    for rank, wall, per in sorted(got):
+    for rank, wall, per, switches in sorted(got):
         total = sum(per.values())
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.01)
-        print(f"rank {rank}: wall {wall:.2f} ms/op, CPU {total:.2f} ms/op ({parts})")
+        print(f"rank {rank}: wall {wall:.2f} ms/op, CPU {total:.2f} ms/op ({parts}), "
+              f"{sum(switches.values()):.1f} context switches/op ("
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(switches.items(), key=lambda kv: -kv[1]) if v >= 0.1) + ")")
     mine = {names.get(t, "native"): (m1[t] - m0.get(t, 0)) / TICK / a.ops * 1e3 for t in m1}
     print("this process (the master's thread, and the peers' start-up before the timed ops): "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine.items(), key=lambda kv: -kv[1]) if v >= 0.01) + " ms/op")
