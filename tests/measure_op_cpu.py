@@ -3,10 +3,10 @@
     .venv/bin/python tests/measure_op_cpu.py --peers 2 --elems 256 --ops 300
 
 Starts a master in this process and ``--peers`` peer processes; each peer runs 5 untimed and then
-``--ops`` timed in-place all-reduces of ``--elems`` float32 values and prints, per thread (named
-by its Python thread name), the CPU time (user + system, from /proc/self/task/*/stat) per op, and
-the wall time per op, and the context switches per op of the whole peer process. The master's
-thread's CPU per op is printed too.
+``--ops`` timed in-place all-reduces of ``--elems`` float32 values and prints the wall time per
+op and, per thread (named by its Python thread name; "native" is zmq's I/O thread), the CPU time
+(user + system, /proc/self/task/*/stat) and the context switches (/proc/self/task/*/status) per
+op. The CPU per op of this process's threads (the master's among them) is printed too.
 """
 from __future__ import annotations
 
