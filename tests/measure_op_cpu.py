@@ -21,29 +21,39 @@ import numpy as np
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu(task_dir: str) -> dict[str, int]:
-    """Clock ticks of CPU (user + system) per thread id of the process whose task dir is given."""
+def _threads(task_dir: str) -> dict[str, tuple[int, int]]:
+    """Per thread id of the process whose task dir is given: (clock ticks of CPU, user + system;
+    context switches, voluntary + involuntary)."""
     out = {}
     for tid in os.listdir(task_dir):
         try:
             with open(f"{task_dir}/{tid}/stat") as fh:
                 f = fh.read().rsplit(")", 1)[1].split()
-            out[tid] = int(f[11]) + int(f[12])
-        except OSError:
-            pass
-    return out
-
-
-def _switches(task_dir: str) -> dict[str, int]:
-    """Context switches (voluntary + involuntary) per thread id."""
-    out = {}
-    for tid in os.listdir(task_dir):
-        try:
             with open(f"{task_dir}/{tid}/status") as fh:
-                out[tid] = sum(int(line.split()[1]) for line in fh if "ctxt_switches" in line)
+                switches = sum(int(line.split()[1]) for line in fh if "ctxt_switches" in line)
+            out[tid] = (int(f[11]) + int(f[12]), switches)
         except OSError:
             pass
     return out
+
+
+def _per_name(before: dict, after: dict, ops: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(CPU ms per op, context switches per op) by thread name, between two :func:`_threads`
+    readings of this process; zmq's I/O thread (not a Python thread) is "native", lanes are summed."""
+    names = {str(t.native_id): t.name for t in threading.enumerate()}
+    cpu: dict[str, float] = {}
+    switches: dict[str, float] = {}
+    for tid, (ticks, sw) in after.items():
+        t0, s0 = before.get(tid, (0, 0))
+        name = names.get(tid, "native")
+        name = "pccl-lane" if name.startswith("pccl-lane") else name
+        cpu[name] = cpu.get(name, 0.0) + (ticks - t0) / TICK / ops * 1e3
+        switches[name] = switches.get(name, 0.0) + (sw - s0) / ops
+    return cpu, switches
+
+
+def _top(values: dict[str, float], fmt: str, least: float) -> str:
+    return ", ".join(f"{k} {v:{fmt}}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]) if v >= least)
 
 
 def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
@@ -60,22 +70,11 @@ def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
     for _ in range(5):
         c.all_reduce(x)
     rank = c.rank
-    s0, c0, w0 = _switches("/proc/self/task"), _cpu("/proc/self/task"), time.monotonic()
+    before, w0 = _threads("/proc/self/task"), time.monotonic()
     for _ in range(ops):
         c.all_reduce(x)
-    c1, w1, s1 = _cpu("/proc/self/task"), time.monotonic(), _switches("/proc/self/task")
-    names = {str(t.native_id): t.name for t in threading.enumerate()}
-    per = {}
-    for tid, ticks in c1.items():
-        name = names.get(tid, "native")  # zmq's I/O thread is not a Python thread
-        name = "pccl-lane" if name.startswith("pccl-lane") else name
-        per[name] = per.get(name, 0.0) + (ticks - c0.get(tid, 0)) / TICK / ops * 1e3
-    switches = {}
-    for tid, v in s1.items():
-        name = names.get(tid, "native")
-        name = "pccl-lane" if name.startswith("pccl-lane") else name
-        switches[name] = switches.get(name, 0.0) + (v - s0.get(tid, 0)) / ops
-    results.put((rank, (w1 - w0) / ops * 1e3, per, switches))
+    w1, after = time.monotonic(), _threads("/proc/self/task")
+    results.put((rank, (w1 - w0) / ops * 1e3, *_per_name(before, after, ops)))
     c.close()
 
 
@@ -93,23 +92,17 @@ def main() -> None:
         procs = [ctx.Process(target=_peer, args=(master.address, a.peers, a.elems, a.ops, q)) for _ in range(a.peers)]
         for pr in procs:
             pr.start()
-        m0 = _cpu(f"/proc/{os.getpid()}/task")
+        m0 = _threads(f"/proc/{os.getpid()}/task")
         got = [q.get(timeout=600) for _ in procs]
-        m1 = _cpu(f"/proc/{os.getpid()}/task")
-        names = {str(t.native_id): t.name for t in threading.enumerate()}
+        mine, _ = _per_name(m0, _threads(f"/proc/{os.getpid()}/task"), a.ops)  # while the master runs
         for pr in procs:
             pr.join(30)
     print(f"{a.peers} peers, {a.elems * 4} B per op, {a.ops} ops")
-    for rank, wall, per, switches in sorted(got):
-        total = sum(per.values())
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.01)
-        print(f"rank {rank}: wall {wall:.2f} ms/op, CPU {total:.2f} ms/op ({parts}), "
-              f"{sum(switches.values()):.1f} context switches/op ("
-              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(switches.items(), key=lambda kv: -kv[1]) if v >= 0.1) + ")")
-    mine = {names.get(t, "native"): (m1[t] - m0.get(t, 0)) / TICK / a.ops * 1e3 for t in m1}
+    for rank, wall, cpu, switches in sorted(got):
+        print(f"rank {rank}: wall {wall:.2f} ms/op, CPU {sum(cpu.values()):.2f} ms/op ({_top(cpu, '.2f', 0.01)}), "
+              f"{sum(switches.values()):.1f} context switches/op ({_top(switches, '.1f', 0.1)})")
     print("this process (the master's thread, and the peers' start-up before the timed ops): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine.items(), key=lambda kv: -kv[1]) if v >= 0.01) + " ms/op")
-
+          f"{_top(mine, '.2f', 0.01)} ms/op")
 
 if __name__ == "__main__":
     main()
