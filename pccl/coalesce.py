@@ -93,7 +93,7 @@ class Bucket:
         dtypes = {b.array.dtype for b in self.buffers}
         if len(dtypes) != 1:  # plan() groups by dtype name, and wrap() keeps it (bfloat16: float32)
             raise InvalidUsage(f"{', '.join(names)}: one bucket cannot hold dtypes {sorted(map(str, dtypes))}")
-        self.src = np.concatenate([b.array for b in self.buffers]) if self.buffers else np.empty(0)
+        self.src = np.concatenate([b.array for b in self.buffers])
         self.dst = np.empty_like(self.src)
 
     def scatter(self) -> None:

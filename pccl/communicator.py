@@ -809,7 +809,10 @@ class Communicator:
                 self._ops.pop(rec.tag, None)
                 if rec.commence is not None:
                     self._by_seq.pop(rec.commence.seq, None)
-                self._cond.notify_all()  # all_reduce_many may wait for this op to end (_commenced)
+                else:
+                    # Ended without commencing (a world of one, or refused): all_reduce_many's
+                    # _commenced may be waiting for that. Commenced ops end without waking anyone.
+                    self._cond.notify_all()
             if rec.job is None or rec.job.join(0.0):  # no lane can still write into these buffers
                 if rec.backup is not None:
                     self._pool.give(rec.backup.store.view(np.uint8))

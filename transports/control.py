@@ -280,9 +280,9 @@ class ControlChannel:
                     self._core.stalled(time.monotonic(), late)
                 # Only the sockets the poll found readable: a receive that finds nothing raises
                 # zmq.Again, and that costs more than the poll (several wake-ups per collective).
-                if self._dealer is not None and self._dealer in ready:
+                if self._dealer in ready:
                     self._read_dealer()
-                if self._monitor is not None and self._monitor in ready:
+                if self._monitor in ready:
                     self._read_monitor()
                 if self._pull in ready:
                     self._forward()
