@@ -147,6 +147,10 @@ def loop(args) -> None:
         except pccl.RETRYABLE as exc:
             emit("topology_fail", error=type(exc).__name__, message=str(exc))
             continue
+        except (pccl.Kicked, pccl.MasterUnreachable) as exc:  # final: a frozen peer may read it here
+            emit("topology_fail", error=type(exc).__name__, message=str(exc))
+            emit("fatal", error=type(exc).__name__)
+            return
         buf = base.copy()
         before = digest(buf)
         t0 = time.time()
