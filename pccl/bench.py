@@ -15,8 +15,11 @@ How it works
    maximum over ranks. busbw = S / t * 2(N-1)/N (S in bytes, GB = 1e9 B). With ``--tensors T``
    the buffer is T equal tensors (views) and one "op" is the whole list: pccl's
    ``all_reduce_many`` against T gloo ``all_reduce(async_op=True)`` calls queued before waiting.
+   With ``--out-of-place`` pccl reduces the buffer into a second one (``all_reduce(src, dst)``),
+   which needs no backup copy of the input for restore-on-failure; gloo stays in place.
 4. Correctness guard: after the timed loop every element must equal N(N+1)/2 * N^(iters-1)
-   (integers, exact in float32 below 2^24). A mismatch fails the run loudly (exit status 1).
+   (integers, exact in float32 below 2^24; out of place, dst must hold N(N+1)/2 and src be
+   unchanged). A mismatch fails the run loudly (exit status 1).
 5. Reported per (system, N, size): the median over repeats of busbw and of time per op; the ratio
    is pccl / gloo of the medians.
 6. Everything is bounded: every wait has a deadline; a worker that dies or reports an error stops
@@ -152,15 +155,17 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
             raise BenchError(f"pccl world has {comm.world_size} peers, expected {n}")
         return ("ready", index, comm.rank, comm.world_size, os.getpid())
 
-    def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto", tensors: int = 1) -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto", tensors: int = 1,
+                out_of_place: bool = False) -> tuple:
         assert comm is not None
         n, rank = comm.world_size, comm.rank
         buf = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
         parts = np.array_split(buf, tensors)  # views of buf
+        dst = np.empty_like(buf) if out_of_place else None
 
         def reduce() -> Any:
             if tensors == 1:
-                return comm.all_reduce(buf, algorithm=algorithm)
+                return comm.all_reduce(buf, dst, algorithm=algorithm)
             return comm.all_reduce_many(parts, algorithm=algorithm)[0]
 
         buf.fill(rank + 1)
@@ -172,7 +177,11 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
         for _ in range(iters):
             info = reduce()
         dt = time.perf_counter() - t0
-        return (rank, dt / iters, _check(buf, n, iters, np), info.algorithm)
+        if dst is None:
+            problem = _check(buf, n, iters, np)
+        else:  # every op reduced the same input: one op's sum, and the input untouched
+            problem = _check(dst, n, 1, np) or (None if (buf == rank + 1).all() else "the input changed")
+        return (rank, dt / iters, problem, info.algorithm)
 
     def close() -> None:
         if comm is not None:
@@ -376,7 +385,8 @@ def _measure(group: _Group, system: str, nbytes: int, opts: argparse.Namespace,
     """(max per-op seconds over ranks, per-rank per-op seconds by rank, the algorithm that ran)."""
     ws = group.of(system)
     for w in ws:
-        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm, opts.tensors))
+        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm, opts.tensors)
+                   + ((opts.out_of_place,) if system.startswith("pccl") else ()))
     replies = group.collect(ws, opts.timeout, f"a {system} measurement of {_fmt_size(nbytes)}")
     per_rank = [0.0] * len(ws)
     ran = set()
@@ -452,6 +462,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="split each buffer into this many equal tensors: pccl reduces them with one "
                         "all_reduce_many call (small ones coalesced into buckets), gloo with one async "
                         "all_reduce per tensor, all queued before waiting; times are per list (default 1)")
+    p.add_argument("--out-of-place", action="store_true",
+                   help="pccl reduces into a second buffer (all_reduce(src, dst)), so it keeps no backup copy "
+                        "of the input for restore-on-failure; gloo stays in place (torch.distributed has no "
+                        "out-of-place all-reduce)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--json", metavar="PATH", help="write every raw measurement and the summary as JSON")
     p.add_argument("--markdown", metavar="PATH", help="append the table (and the command line) to this file")
@@ -475,6 +489,8 @@ def _validate(opts: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     item = 4 if opts.dtype == "float32" else 8
     if opts.tensors < 1:
         p.error("--tensors must be at least 1")
+    if opts.out_of_place and opts.tensors > 1:
+        p.error("--out-of-place applies to single tensors (all_reduce_many reduces in place)")
     for s in opts.sizes:
         if s % item:
             p.error(f"size {s} B is not a multiple of the {opts.dtype} item size")
@@ -549,7 +565,8 @@ def format_table(rows: list[dict]) -> str:
 
 def format_markdown(rows: list[dict], command: str, meta: dict) -> str:
     out = [f"### `{command}`", "",
-           f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs); {meta['dtype']} SUM in place, "
+           f"{meta['started']} on {meta['host']} ({meta['cpus']} CPUs); {meta['dtype']} SUM "
+           + ("(pccl out of place, gloo in place), " if meta.get("out_of_place") else "in place, ")
            + (f"each buffer as {meta['tensors']} tensors (pccl all_reduce_many, gloo async ops), "
               if meta.get("tensors", 1) > 1 else "") +
            f"median of {meta['repeats']} interleaved repeats x {meta['iters']} timed ops; busbw = S/t·2(N-1)/N "
@@ -612,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "python": platform.python_version(), "dtype": opts.dtype, "iters": opts.iters,
         "warmup": opts.warmup, "repeats": opts.repeats, "connections": opts.connections, "peers": opts.peers,
         "tensors": opts.tensors,
+        "out_of_place": opts.out_of_place,
         "sizes_bytes": opts.sizes,
     }
     meta["pccl_git"] = _git_revision()

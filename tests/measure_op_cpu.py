@@ -3,7 +3,7 @@
     .venv/bin/python tests/measure_op_cpu.py --peers 2 --elems 256 --ops 300
 
 Starts a master in this process and ``--peers`` peer processes; each peer runs 5 untimed and then
-``--ops`` timed in-place all-reduces of ``--elems`` float32 values and prints the wall time per
+``--ops`` timed all-reduces (in place, or ``--out-of-place``) of ``--elems`` float32 values and prints the wall time per
 op and, per thread (named by its Python thread name; "native" is zmq's I/O thread), the CPU time
 (user + system, /proc/self/task/*/stat) and the context switches (/proc/self/task/*/status) per
 op. The CPU per op of this process's threads (the master's among them) is printed too.
@@ -56,7 +56,7 @@ def _top(values: dict[str, float], fmt: str, least: float) -> str:
     return ", ".join(f"{k} {v:{fmt}}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]) if v >= least)
 
 
-def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
+def _peer(address: str, n: int, elems: int, ops: int, out_of_place: bool, results) -> None:
     import pccl
 
     c = pccl.Communicator(master=address).connect(timeout=60)
@@ -67,12 +67,13 @@ def _peer(address: str, n: int, elems: int, ops: int, results) -> None:
         else:
             time.sleep(0.05)
     x = np.zeros(elems, np.float32)  # sums stay 0: no overflow over many ops
+    y = np.empty_like(x) if out_of_place else None
     for _ in range(5):
-        c.all_reduce(x)
+        c.all_reduce(x, y)
     rank = c.rank
     before, w0 = _threads("/proc/self/task"), time.monotonic()
     for _ in range(ops):
-        c.all_reduce(x)
+        c.all_reduce(x, y)
     w1, after = time.monotonic(), _threads("/proc/self/task")
     results.put((rank, (w1 - w0) / ops * 1e3, *_per_name(before, after, ops)))
     c.close()
@@ -83,13 +84,15 @@ def main() -> None:
     p.add_argument("--peers", type=int, default=2)
     p.add_argument("--elems", type=int, default=256)
     p.add_argument("--ops", type=int, default=300)
+    p.add_argument("--out-of-place", action="store_true",
+                   help="all_reduce(x, y) into a second buffer: no backup copy of the input")
     a = p.parse_args()
     import pccl
 
     ctx = mp.get_context("spawn")
     with pccl.Master("127.0.0.1", 0) as master:
         q = ctx.Queue()
-        procs = [ctx.Process(target=_peer, args=(master.address, a.peers, a.elems, a.ops, q)) for _ in range(a.peers)]
+        procs = [ctx.Process(target=_peer, args=(master.address, a.peers, a.elems, a.ops, a.out_of_place, q)) for _ in range(a.peers)]
         for pr in procs:
             pr.start()
         m0 = _threads(f"/proc/{os.getpid()}/task")
@@ -97,7 +100,7 @@ def main() -> None:
         mine, _ = _per_name(m0, _threads(f"/proc/{os.getpid()}/task"), a.ops)  # while the master runs
         for pr in procs:
             pr.join(30)
-    print(f"{a.peers} peers, {a.elems * 4} B per op, {a.ops} ops")
+    print(f"{a.peers} peers, {a.elems * 4} B per op, {a.ops} ops, {'out of place' if a.out_of_place else 'in place'}")
     for rank, wall, cpu, switches in sorted(got):
         print(f"rank {rank}: wall {wall:.2f} ms/op, CPU {sum(cpu.values()):.2f} ms/op ({_top(cpu, '.2f', 0.01)}), "
               f"{sum(switches.values()):.1f} context switches/op ({_top(switches, '.1f', 0.1)})")

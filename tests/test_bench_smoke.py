@@ -54,6 +54,20 @@ def test_bench_with_a_list_of_tensors(tmp_path, capsys) -> None:
         bench.main(["--peers", "2", "--sizes", "1K", "--tensors", "300"])  # 256 float32 elements
 
 
+@needs_torch
+@pytest.mark.timeout(120)
+def test_bench_out_of_place(tmp_path, capsys) -> None:
+    """--out-of-place: pccl reduces into a second buffer (checked: dst holds the sum, src is
+    unchanged); the markdown says so; it does not combine with --tensors."""
+    out_md = tmp_path / "r.md"
+    rc = bench.main(["--peers", "2", "--sizes", "64K", "--out-of-place", "--iters", "2", "--warmup", "1",
+                     "--repeats", "1", "--markdown", str(out_md), "--quiet"])
+    assert rc == 0
+    assert "pccl out of place, gloo in place" in out_md.read_text() and "gloo GB/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--peers", "2", "--sizes", "16", "--tensors", "2", "--out-of-place"])
+
+
 def test_correctness_guard_detects_a_wrong_element() -> None:
     import numpy as np
 

@@ -79,8 +79,25 @@ def test_ring_results_are_correct_and_identical(n, count, in_place):
         assert all(np.array_equal(a, b) for a, b in zip(inputs, originals))
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_failure_at_every_stage_restores_input_and_retry_succeeds(n):
+@pytest.mark.parametrize("op", list(ReduceOp))
+def test_blockwise_receive_gives_the_bits_of_whole_pieces(op, monkeypatch):
+    """Reduce-scatter pieces are received and reduced block by block (RECV_BLOCK_BYTES); blocks
+    that do not divide the pieces give exactly the bits of one block per piece."""
+    rng = np.random.default_rng(5)
+    originals = [(1 + rng.standard_normal(5003) / 8).astype(np.float32) for _ in range(3)]
+    whole, errors, _ = run_ring([x.copy() for x in originals], op, pipeline_bytes=1 << 14)
+    assert errors == []
+    monkeypatch.setattr(ex, "RECV_BLOCK_BYTES", 12)  # 3 elements
+    blocked, errors, calls = run_ring([x.copy() for x in originals], op, pipeline_bytes=1 << 14)
+    assert errors == [] and calls[0] > 1000  # the blocks were really used
+    for a, b in zip(whole, blocked):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("n, block", [(2, None), (3, None), (4, None), (3, 400)])
+def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, monkeypatch):
+    if block is not None:  # pieces of 512 elements received in blocks of 100: fail mid-piece too
+        monkeypatch.setattr(ex, "RECV_BLOCK_BYTES", block)
     count = 3000
     rng = np.random.default_rng(n)
     originals = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
