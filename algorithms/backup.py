@@ -4,6 +4,12 @@ The caller's thread runs :meth:`Backup.run` right after announcing the op, so th
 the master round trip and the first ring steps instead of sitting on the receive path. A receive
 program calls :meth:`wait` before it first overwrites a piece; since the copy runs in overwrite
 order and memory copies are faster than the network, it rarely waits.
+
+An unquantized ring's reduce-scatter receives copy their pieces aside themselves, block by block
+just before reducing each block (``RingJob._receive_reduce``): the block is then still in the CPU
+cache when the add reads it, where a copy made earlier by the caller would be read back from
+memory. Their pieces are left out of the caller's order (``overwrite_order(skip_reduced=True)``);
+a piece the caller's backup does cover (:meth:`Backup.covers`) is waited for instead.
 """
 from __future__ import annotations
 
@@ -15,11 +21,13 @@ from pccl.errors import PeerFailure
 from pccl.algorithms.ring import RingPlan
 
 
-def overwrite_order(plan: RingPlan) -> list[tuple[int, int]]:
-    """Piece ranges of ``plan`` in the order its receives first overwrite them."""
+def overwrite_order(plan: RingPlan, skip_reduced: bool = False) -> list[tuple[int, int]]:
+    """Piece ranges of ``plan`` in the order its receives first overwrite them; with
+    ``skip_reduced``, only those the all-gather overwrites (the reduce-scatter's receives back
+    up their own pieces)."""
     order: list[tuple[int, int]] = []
     for step in plan.steps:
-        if step.reduce or step.recv_chunk == plan.rank:
+        if (step.reduce and not skip_reduced) or (not step.reduce and step.recv_chunk == plan.rank):
             order.extend(plan.piece(step.recv_chunk, j) for j in range(plan.pieces))
     return [r for r in order if r[1] > r[0]]
 
@@ -50,6 +58,10 @@ class Backup:
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """Whether [lo, hi) is one of the pieces :meth:`run` copies."""
+        return (lo, hi) in self._index
 
     def wait(self, lo: int, hi: int) -> None:
         """Block until [lo, hi) is safely copied."""

@@ -12,7 +12,8 @@ How it works
    reducing, piece by piece.
 4. In place (output is the input), a :class:`~pccl.algorithms.backup.Backup` copies the input
    aside in overwrite order; a receive waits for its piece's copy before the first overwrite and
-   ``restore()`` puts the caller's bytes back after an abort.
+   ``restore()`` puts the caller's bytes back after an abort. Unquantized reduce-scatter receives
+   copy their own pieces aside instead, block by block, when the caller's backup leaves them out.
 5. ``abort()`` records the reason and shuts the link's sockets, which ends every blocked program.
 6. Quantized (``codec`` not NONE, float32 SUM/AVG): reduce-scatter hops send ``encode(piece)``
    of the partial sum and the receiver adds ``decode(bytes)`` in float32; the owner of a chunk,
@@ -307,8 +308,9 @@ class RingJob(LaneJob):
                             self.codec, hi - lo)
                         recv_header(sock, hdr_buf, self.max_frame, self.seq, self.step_base + step.index, j, nbytes)
                         target = self.out[lo:hi]
-                        if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank):
-                            self.backup.wait(lo, hi)
+                        if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank) and (
+                                self.codec is not None or not step.reduce or self.backup.covers(lo, hi)):
+                            self.backup.wait(lo, hi)  # else _receive_reduce copies it aside itself
                             self.touched.append((lo, hi))
                         if self.codec is not None:
                             self._receive_quantized(sock, conn, step, j, lo, hi, nbytes)
@@ -328,13 +330,19 @@ class RingJob(LaneJob):
     def _receive_reduce(self, sock: socket.socket, conn: Connection, lo: int, hi: int) -> None:
         """Receive elements [lo, hi) and reduce them into the output, one cache-sized block at a
         time: each block is added while it is still in the CPU cache from the kernel's copy, instead
-        of the whole piece being read back from memory."""
+        of the whole piece being read back from memory. In place, unless the caller's backup covers
+        the piece, each block of the input is first copied aside (and listed for ``restore``) while
+        the add's read of it then hits the cache."""
         per = max(1, RECV_BLOCK_BYTES // self.out.dtype.itemsize)
         buf = conn.scratch(min(hi - lo, per) * self.out.dtype.itemsize).view(self.out.dtype)
+        store = self.backup.store if self.backup is not None and not self.backup.covers(lo, hi) else None
         for a in range(lo, hi, per):
             b = min(a + per, hi)
             block = buf[:b - a]
             recv_exact(sock, _bytes(block))
+            if store is not None:
+                np.copyto(store[a:b], self.inp[a:b])
+                self.touched.append((a, b))
             kernels.reduce_into(self.op, self.inp[a:b], block, self.out[a:b])
 
     def _receive_quantized(self, sock: socket.socket, conn: Connection, step, j: int, lo: int, hi: int,

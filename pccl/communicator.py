@@ -907,7 +907,7 @@ class Communicator:
         world, rank = len(self._ring), self.rank
         if algo is Algorithm.RING:
             rec.plan = ring.plan(rec.inp.size, world, rank, itemsize, c.pipeline_bytes, self.connections)
-            order = backup_mod.overwrite_order(rec.plan)
+            order = backup_mod.overwrite_order(rec.plan, skip_reduced=rec.quantization is Quantization.NONE)
         else:
             rec.plan = groups.plan(rec.inp.size, localities, rank, itemsize, c.pipeline_bytes, self.connections,
                                    star=algo is Algorithm.STAR)

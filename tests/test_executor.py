@@ -28,15 +28,18 @@ def make_links(n: int, k: int) -> list[LinkSet]:
     return [LinkSet(1, (r + 1) % n, (r - 1) % n, send[r], recv[r]) for r in range(n)]
 
 
-def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None):
-    """Run one ring all-reduce; ``fail=(rank, call)`` makes that rank's call-th receive raise."""
+def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None, skip_reduced=True):
+    """Run one ring all-reduce; ``fail=(rank, call)`` makes that rank's call-th receive raise.
+    In place, the caller's backup leaves out the reduce-scatter's pieces (the receives copy those
+    aside themselves, as in the communicator) unless ``skip_reduced`` is False."""
     n = len(inputs)
     links = make_links(n, k)
     outs = [x if in_place else np.empty_like(x) for x in inputs]
     jobs, backups = [], []
     for r in range(n):
         plan = ring.plan(inputs[r].size, n, r, inputs[r].itemsize, pipeline_bytes, k)
-        b = Backup(inputs[r], np.empty_like(inputs[r]), overwrite_order(plan)) if in_place and n > 1 else None
+        b = (Backup(inputs[r], np.empty_like(inputs[r]), overwrite_order(plan, skip_reduced))
+             if in_place and n > 1 else None)
         if b is not None:
             b.run()
         backups.append(b)
@@ -94,22 +97,27 @@ def test_blockwise_receive_gives_the_bits_of_whole_pieces(op, monkeypatch):
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("n, block", [(2, None), (3, None), (4, None), (3, 400)])
-def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, monkeypatch):
+@pytest.mark.parametrize("n, block, skip_reduced", [(2, None, True), (3, None, True), (4, None, True),
+                                                   (3, 400, True), (3, 400, False)])
+def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip_reduced, monkeypatch):
+    """skip_reduced: the reduce-scatter's receives back up their own pieces (else the caller's
+    backup covers every piece)."""
     if block is not None:  # pieces of 512 elements received in blocks of 100: fail mid-piece too
         monkeypatch.setattr(ex, "RECV_BLOCK_BYTES", block)
     count = 3000
     rng = np.random.default_rng(n)
     originals = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
     # Count the receive calls of a clean run, then fail at each of them in turn.
-    _, errors, calls = run_ring([x.copy() for x in originals], ReduceOp.SUM, k=2, pipeline_bytes=1 << 11)
+    _, errors, calls = run_ring([x.copy() for x in originals], ReduceOp.SUM, k=2, pipeline_bytes=1 << 11,
+                                skip_reduced=skip_reduced)
     assert errors == []
     victim = n - 1
     total = calls[victim]
     assert total >= 4 * (n - 1)  # several pieces in each of the 2(N-1) steps
     for call in range(1, total + 1):
         inputs = [x.copy() for x in originals]
-        _, errors, _ = run_ring(inputs, ReduceOp.SUM, k=2, pipeline_bytes=1 << 11, fail=(victim, call))
+        _, errors, _ = run_ring(inputs, ReduceOp.SUM, k=2, pipeline_bytes=1 << 11, fail=(victim, call),
+                                skip_reduced=skip_reduced)
         assert errors, f"failure at receive call {call} went unnoticed"
         for x, o in zip(inputs, originals):
             assert x.tobytes() == o.tobytes(), f"input not restored after a failure at receive call {call}"
@@ -126,6 +134,12 @@ def test_overwrite_order_covers_every_piece_once():
             for lo, hi in order:
                 cells[lo:hi] += 1
             assert np.all(cells == 1)
+            # skip_reduced: exactly this rank's own chunk, which no reduce-scatter step receives
+            own = np.zeros(1000, dtype=int)
+            for lo, hi in overwrite_order(plan, skip_reduced=True):
+                own[lo:hi] += 1
+            lo, hi = plan.chunks[rank]
+            assert np.all(own[lo:hi] == 1) and own.sum() == hi - lo
 
 
 def test_backup_wait_raises_when_cancelled():
