@@ -224,7 +224,7 @@ class Communicator:
                 self._master_id = msg.master
                 self._registered_epoch = self._epoch
                 if self._listener is not None:
-                    self._listener.peer_id = msg.peer_id
+                    self._listener.assign(msg.peer_id)
             elif isinstance(msg, m.Topology):
                 self._new_topology = msg
             elif isinstance(msg, m.PendingReply):

@@ -260,7 +260,7 @@ def listener_factory():
 
     def make(config: Config, peer_id: int = 7) -> links.Listener:
         lst = links.Listener("127.0.0.1", 0, config)
-        lst.peer_id = peer_id
+        lst.assign(peer_id)
         made.append(lst)
         return lst
 
@@ -580,3 +580,26 @@ def test_cli_master_and_status_read_the_secret_from_a_file(tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert "cli-secret-value" not in out + err
+
+
+def test_a_listener_without_an_id_yet_holds_the_handshake_until_it_gets_one():
+    """A newly admitted peer can be dialled before its control thread has read its Registered
+    message: the handshake waits for the id (within connect_timeout) instead of refusing, and a
+    peer that never gets one refuses once the timeout has passed."""
+    cfg = Config(connect_timeout=3.0)
+    lst = links.Listener("127.0.0.1", 0, cfg)
+    try:
+        threading.Timer(0.5, lst.assign, args=(7,)).start()
+        t0 = time.monotonic()
+        s = links.connect("127.0.0.1", lst.port, 3, 7, 1, 0, cfg)
+        assert time.monotonic() - t0 >= 0.4
+        lst.claim(1, 3, 0, time.monotonic() + 5).close()
+        s.close()
+    finally:
+        lst.close()
+    lst = links.Listener("127.0.0.1", 0, Config(connect_timeout=0.5))
+    try:
+        with pytest.raises(PeerFailure):
+            links.connect("127.0.0.1", lst.port, 3, 7, 1, 0, Config(connect_timeout=5.0))
+    finally:
+        lst.close()

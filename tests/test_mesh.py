@@ -19,7 +19,7 @@ def pair():
     cfg = Config(op_timeout=60.0)
     ls = [Listener("127.0.0.1", 0, cfg) for _ in range(2)]
     for i, lst in enumerate(ls):
-        lst.peer_id = 10 + i
+        lst.assign(10 + i)
     addresses = {10 + i: ("127.0.0.1", lst.port) for i, lst in enumerate(ls)}
     dead: set[int] = set()
     meshes = [Mesh(ls[i], 3, 10 + i, addresses, 2, cfg, abandoned=lambda pid: pid in dead) for i in range(2)]

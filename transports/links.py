@@ -136,8 +136,7 @@ class Listener:
                 raise AuthenticationFailed("the connector " + (
                     "offered a secret and this peer has none" if hs.auth else "did not prove the shared secret"))
             nonce = _recv_by(conn, auth.NONCE_SIZE, deadline) if hs.auth else b""
-            if self.peer_id is None:
-                raise ProtocolError("this peer has no id yet")
+            self._await_id(deadline)
             handler = self._handlers.get(hs.kind)
             if hs.kind != framing.KIND_LINK and handler is None:
                 raise ProtocolError(f"this peer serves no connections of kind {hs.kind}")
@@ -171,6 +170,23 @@ class Listener:
                 self._half_open -= 1
             if not parked:
                 conn.close()
+
+    def assign(self, peer_id: int) -> None:
+        """Set this peer's id (from the master's Registered) and wake handshakes waiting for it."""
+        with self._cond:
+            self.peer_id = peer_id
+            self._cond.notify_all()
+
+    def _await_id(self, deadline: float) -> None:
+        """Wait until this peer has an id. A peer that the master just admitted can be dialled
+        by a neighbour that read the new topology before this peer's control thread read its own
+        Registered message; refusing that connection would fail the neighbour's link building."""
+        with self._cond:
+            while self.peer_id is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise ProtocolError("this peer has no id yet")
+                self._cond.wait(min(left, 0.2))
 
     def _purge_dead_locked(self) -> None:
         """Close parked connections whose connector already hung up (EOF pending), so slots held
