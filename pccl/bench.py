@@ -141,7 +141,7 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
             comm = pccl.Communicator(master=master, connections=connections)
             comm.connect(timeout=setup_timeout)
             return ("connected", index, comm.world_size)
-        (n,) = args
+        n, optimize = args
         assert comm is not None
         deadline = time.monotonic() + setup_timeout
         while comm.world_size < n:
@@ -153,6 +153,8 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
                 time.sleep(0.02)
         if comm.world_size != n:
             raise BenchError(f"pccl world has {comm.world_size} peers, expected {n}")
+        if optimize:  # every peer votes; AUTO then uses the measured link figures
+            comm.optimize_topology(timeout=setup_timeout)
         return ("ready", index, comm.rank, comm.world_size, os.getpid())
 
     def measure(nbytes: int, iters: int, warmup: int, algorithm: str = "auto", tensors: int = 1,
@@ -360,11 +362,11 @@ def _start_world(ctx, group: _Group, n: int, master: str, opts: argparse.Namespa
     group.collect(pw[:1], opts.setup_timeout, "the first pccl peer's connect")
     for w in pw[1:]:
         group.send(w, ("connect",))
-    group.send(pw[0], ("grow", n))
+    group.send(pw[0], ("grow", n, opts.optimize))
 
     def on_connected(w: _Worker, msg: tuple) -> bool:
         if msg[0] == "connected":
-            group.send(w, ("grow", n))
+            group.send(w, ("grow", n, opts.optimize))
             return True
         return False
 
@@ -462,6 +464,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="split each buffer into this many equal tensors: pccl reduces them with one "
                         "all_reduce_many call (small ones coalesced into buckets), gloo with one async "
                         "all_reduce per tensor, all queued before waiting; times are per list (default 1)")
+    p.add_argument("--optimize", action="store_true",
+                   help="each pccl world runs optimize_topology() once formed: bandwidth probes between "
+                        "every pair, whose figures AUTO then uses instead of Config's link rates")
     p.add_argument("--out-of-place", action="store_true",
                    help="pccl reduces into a second buffer (all_reduce(src, dst)), so it keeps no backup copy "
                         "of the input for restore-on-failure; gloo stays in place (torch.distributed has no "
@@ -630,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": opts.warmup, "repeats": opts.repeats, "connections": opts.connections, "peers": opts.peers,
         "tensors": opts.tensors,
         "out_of_place": opts.out_of_place,
+        "optimize": opts.optimize,
         "sizes_bytes": opts.sizes,
     }
     meta["pccl_git"] = _git_revision()

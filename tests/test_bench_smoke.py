@@ -56,14 +56,18 @@ def test_bench_with_a_list_of_tensors(tmp_path, capsys) -> None:
 
 @needs_torch
 @pytest.mark.timeout(120)
-def test_bench_out_of_place(tmp_path, capsys) -> None:
+def test_bench_out_of_place_after_optimize_topology(tmp_path, capsys) -> None:
     """--out-of-place: pccl reduces into a second buffer (checked: dst holds the sum, src is
-    unchanged); the markdown says so; it does not combine with --tensors."""
-    out_md = tmp_path / "r.md"
-    rc = bench.main(["--peers", "2", "--sizes", "64K", "--out-of-place", "--iters", "2", "--warmup", "1",
-                     "--repeats", "1", "--markdown", str(out_md), "--quiet"])
+    unchanged); the markdown says so; it does not combine with --tensors. --optimize: the pccl
+    world runs optimize_topology() (bandwidth probes) before measuring."""
+    out_md, out_json = tmp_path / "r.md", tmp_path / "r.json"
+    rc = bench.main(["--peers", "2", "--sizes", "64K", "--out-of-place", "--optimize", "--iters", "2",
+                     "--warmup", "1", "--repeats", "1", "--markdown", str(out_md), "--json", str(out_json),
+                     "--quiet"])
     assert rc == 0
     assert "pccl out of place, gloo in place" in out_md.read_text() and "gloo GB/s" in capsys.readouterr().out
+    meta = json.loads(out_json.read_text())["meta"]
+    assert meta["optimize"] is True and meta["out_of_place"] is True
     with pytest.raises(SystemExit):
         bench.main(["--peers", "2", "--sizes", "16", "--tensors", "2", "--out-of-place"])
 
