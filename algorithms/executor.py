@@ -308,9 +308,13 @@ class RingJob(LaneJob):
                             self.codec, hi - lo)
                         recv_header(sock, hdr_buf, self.max_frame, self.seq, self.step_base + step.index, j, nbytes)
                         target = self.out[lo:hi]
-                        if self.backup is not None and (step.reduce or step.recv_chunk == plan.rank) and (
-                                self.codec is not None or not step.reduce or self.backup.covers(lo, hi)):
-                            self.backup.wait(lo, hi)  # else _receive_reduce copies it aside itself
+                        # The caller's backup holds this piece before its first overwrite, except an
+                        # unquantized reduce piece it leaves out: _receive_reduce copies that aside.
+                        backed_up = self.backup is not None and (
+                            (self.codec is not None or self.backup.covers(lo, hi)) if step.reduce
+                            else step.recv_chunk == plan.rank)
+                        if backed_up:
+                            self.backup.wait(lo, hi)
                             self.touched.append((lo, hi))
                         if self.codec is not None:
                             self._receive_quantized(sock, conn, step, j, lo, hi, nbytes)
