@@ -32,8 +32,11 @@ def test_joiner_receives_64_mib_then_nothing(cluster_factory):
 
 def test_distributor_killed_mid_transfer_joiner_refetches_from_the_others(cluster_factory):
     cluster = cluster_factory(pipeline_bytes=1 << 20)
+    # Every holder serves slowly (holder 0 the slowest), so the 16 pieces take long enough that
+    # holder 0's fetch workers get some: on a quiet machine the fast holders alone once finished
+    # the download before holder 0 served anything, and it exited unkilled.
     holders = [cluster.spawn("state", i, "--holders", "3", "--world", "4", "--state-mib", "16", "--ops", "2",
-                             "--pause", "0.2", *(["--slow-serve", "0.3"] if i == 0 else []))
+                             "--pause", "0.2", "--slow-serve", "0.3" if i == 0 else "0.2")
                for i in range(3)]
     for h in holders:
         h.expect("joined", timeout=90)
