@@ -21,7 +21,10 @@ How it works
    (integers, exact in float32 below 2^24; out of place, dst must hold N(N+1)/2 and src be
    unchanged). A mismatch fails the run loudly (exit status 1).
 5. Reported per (system, N, size): the median over repeats of busbw and of time per op; the ratio
-   is pccl / gloo of the medians.
+   is pccl / gloo of the medians. Each repeat of each N also measures the host's loopback TCP
+   throughput (:func:`loopback_rate`: two connections, one per direction); a ring of N peers
+   moves 2(N−1)·S bytes through loopback, so its busbw cap is that rate / N (DESIGN.md §5), and
+   "pccl/cap" is pccl's busbw as a fraction of the cap (median rate over the repeats).
 6. Everything is bounded: every wait has a deadline; a worker that dies or reports an error stops
    the run, and every child is killed in ``finally`` (children also die with the parent through
    PR_SET_PDEATHSIG and a parent watchdog).
@@ -512,12 +515,76 @@ def _systems(opts: argparse.Namespace) -> list[tuple[str, str]]:
             + [("gloo", "")])
 
 
+def loopback_rate(seconds: float = 0.5, chunk: int = 4 * MiB, timeout: float = 10.0) -> float:
+    """Bytes per second this host moves through loopback TCP (DESIGN.md §5's loopback cap): two
+    connections, one per direction, each fed by a sending thread and drained by a receiving one,
+    counted for ``seconds`` after a short warm-up. A ring of N peers on one host moves 2(N−1)·S
+    bytes through loopback per op, so its busbw (S/t·2(N−1)/N) cannot exceed rate / N. Every
+    socket has a timeout and the threads are joined with one, so nothing outlives the call."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    socks: list[socket.socket] = []
+    counts = [0, 0]
+    stop = threading.Event()
+
+    def send(sock: socket.socket) -> None:
+        data = memoryview(bytearray(chunk))
+        try:
+            while not stop.is_set():
+                sock.sendall(data)
+        except OSError:
+            pass
+
+    def recv(sock: socket.socket, i: int) -> None:
+        buf = memoryview(bytearray(chunk))
+        try:
+            while not stop.is_set():
+                k = sock.recv_into(buf)
+                if k == 0:
+                    return
+                counts[i] += k
+        except OSError:
+            pass
+
+    threads = []
+    try:
+        srv.settimeout(timeout)
+        for i in range(2):
+            a = socket.create_connection(("127.0.0.1", srv.getsockname()[1]), timeout=timeout)
+            b, _ = srv.accept()
+            socks += [a, b]
+            for x in (a, b):
+                x.settimeout(timeout)
+            threads += [threading.Thread(target=send, args=(a,), daemon=True),
+                        threading.Thread(target=recv, args=(b, i), daemon=True)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)
+        c0, t0 = sum(counts), time.perf_counter()
+        time.sleep(seconds)
+        c1, t1 = sum(counts), time.perf_counter()
+        return (c1 - c0) / (t1 - t0)
+    finally:
+        stop.set()
+        for x in socks:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(timeout)
+        for x in socks + [srv]:
+            x.close()
+
+
 def _summarize(records: list[dict], peers: list[int], sizes: list[int]) -> list[dict]:
     rows = []
-    systems = list(dict.fromkeys(r["system"] for r in records))
+    systems = list(dict.fromkeys(r["system"] for r in records if r["system"] != "loopback"))
     for n in peers:
+        rates = [r["loopback_gbs"] for r in records if r["system"] == "loopback" and r["n"] == n]
         for s in sizes:
             row: dict[str, Any] = {"n": n, "size_bytes": s}
+            if rates:
+                row["cap_gbs"] = statistics.median(rates) / n
             for system in systems:
                 rs = [r for r in records if r["system"] == system and r["n"] == n and r["size_bytes"] == s]
                 if not rs:
@@ -533,11 +600,13 @@ def _summarize(records: list[dict], peers: list[int], sizes: list[int]) -> list[
                 row["fastest"] = min(forced, key=forced.get)
             if "pccl_busbw_gbs" in row and "gloo_busbw_gbs" in row:
                 row["ratio"] = row["pccl_busbw_gbs"] / row["gloo_busbw_gbs"]
+            if "cap_gbs" in row and "pccl_busbw_gbs" in row:
+                row["pccl_of_cap"] = row["pccl_busbw_gbs"] / row["cap_gbs"]
             rows.append(row)
     return rows
 
 
-_HEAD = ("N", "size", "pccl GB/s", "gloo GB/s", "ratio", "pccl ms", "gloo ms")
+_HEAD = ("N", "size", "pccl GB/s", "gloo GB/s", "ratio", "pccl ms", "gloo ms", "pccl/cap")
 
 
 def _head(rows: list[dict]) -> list[str]:
@@ -550,7 +619,8 @@ def _cells(row: dict, head: list[str] | None = None) -> list[str]:
         return format(row[key], fmt) if key in row else "-"
 
     out = [str(row["n"]), _fmt_size(row["size_bytes"]), f("pccl_busbw_gbs", ".3f"), f("gloo_busbw_gbs", ".3f"),
-           f("ratio", ".2f"), f("pccl_ms", ".2f"), f("gloo_ms", ".2f"), row.get("auto_picked", "-")]
+           f("ratio", ".2f"), f("pccl_ms", ".2f"), f("gloo_ms", ".2f"), f("pccl_of_cap", ".2f"),
+           row.get("auto_picked", "-")]
     for h in (head or [])[len(out):]:
         out.append(row.get("fastest", "-") if h == "fastest" else f(f"pccl-{h[:-3]}_ms", ".2f"))
     return out
@@ -575,7 +645,8 @@ def format_markdown(rows: list[dict], command: str, meta: dict) -> str:
            + (f"each buffer as {meta['tensors']} tensors (pccl all_reduce_many, gloo async ops), "
               if meta.get("tensors", 1) > 1 else "") +
            f"median of {meta['repeats']} interleaved repeats x {meta['iters']} timed ops; busbw = S/t·2(N-1)/N "
-           f"(GB = 1e9 B); t = max over ranks; torch {meta.get('torch', '?')}; pccl {meta.get('pccl_git') or '?'}", "",
+           f"(GB = 1e9 B); t = max over ranks; pccl/cap = pccl busbw / (loopback bytes/s measured in the same "
+           f"run / N); torch {meta.get('torch', '?')}; pccl {meta.get('pccl_git') or '?'}", "",
            "| " + " | ".join(_head(rows)) + " |",
            "|" + "|".join("---:" if i else "---" for i in range(len(_head(rows)))) + "|"]
     out += ["| " + " | ".join(_cells(r, _head(rows))) + " |" for r in rows]
@@ -662,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"N={n}: starting {n} pccl + {n} gloo workers (master {master.address})")
                 meta["torch"] = _start_world(ctx, group, n, master.address, opts, log)
                 for rep in range(opts.repeats):
+                    rate = loopback_rate()
+                    records.append({"system": "loopback", "n": n, "repeat": rep, "loopback_gbs": rate / 1e9})
+                    log(f"  N={n} rep {rep + 1}/{opts.repeats} loopback: {rate / 1e9:.2f} GB/s, "
+                        f"so a ring's busbw cap is {rate / 1e9 / n:.3f} GB/s")
                     for s in opts.sizes:
                         for system, algo in _systems(opts):
                             t, per_rank, ran = _measure(group, "gloo" if system == "gloo" else "pccl", s, opts, algo)
@@ -689,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows and any(len(r) > 2 for r in rows):
         partial = "" if status == 0 else "PARTIAL RESULTS of a failed run; "
         print(f"\n{command}\n({partial}median of {opts.repeats} interleaved repeats; busbw GB/s = 1e9 B/s; "
-              f"ratio = pccl/gloo; ms = time per op, max over ranks)\n", flush=True)
+              f"ratio = pccl/gloo; ms = time per op, max over ranks; pccl/cap = pccl busbw over the loopback cap "
+              f"(the host's loopback bytes/s, measured in the same run, / N))\n", flush=True)
         print(format_table([r for r in rows if len(r) > 2]), flush=True)
     if opts.json:
         with open(opts.json, "w") as fh:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_bench_runs_both_systems(tmp_path, capsys) -> None:
     assert systems == {"pccl", "gloo"}
     row = data["summary"][0]
     assert row["pccl_busbw_gbs"] > 0 and row["gloo_busbw_gbs"] > 0 and row["ratio"] > 0
+    rates = [r["loopback_gbs"] for r in data["measurements"] if r["system"] == "loopback"]
+    assert len(rates) == 1 and row["cap_gbs"] == rates[0] / 2
+    assert row["pccl_of_cap"] == row["pccl_busbw_gbs"] / row["cap_gbs"]
+    assert "pccl/cap" in text
     md = out_md.read_text()
     assert md.startswith("### `pccl bench --peers 2") and "| 2 | 64 KiB |" in md
 
@@ -70,6 +75,17 @@ def test_bench_out_of_place_after_optimize_topology(tmp_path, capsys) -> None:
     assert meta["optimize"] is True and meta["out_of_place"] is True
     with pytest.raises(SystemExit):
         bench.main(["--peers", "2", "--sizes", "16", "--tensors", "2", "--out-of-place"])
+
+
+def test_loopback_rate_measures_and_leaves_no_thread_or_socket_behind() -> None:
+    import threading
+
+    before = threading.active_count()
+    t0 = time.monotonic()
+    rate = bench.loopback_rate(seconds=0.2)
+    assert rate > 1e6  # bytes/s: any host moves far more than 1 MB/s through loopback
+    assert time.monotonic() - t0 < 5
+    assert threading.active_count() == before
 
 
 def test_correctness_guard_detects_a_wrong_element() -> None:
