@@ -32,7 +32,7 @@ def test_bench_runs_both_systems(tmp_path, capsys) -> None:
     assert "pccl GB/s" in text and "gloo GB/s" in text and "64 KiB" in text
     data = json.loads(out_json.read_text())
     systems = {r["system"] for r in data["measurements"]}
-    assert systems == {"pccl", "gloo"}
+    assert systems == {"pccl", "gloo", "loopback"}
     row = data["summary"][0]
     assert row["pccl_busbw_gbs"] > 0 and row["gloo_busbw_gbs"] > 0 and row["ratio"] > 0
     rates = [r["loopback_gbs"] for r in data["measurements"] if r["system"] == "loopback"]
