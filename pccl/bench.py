@@ -515,33 +515,40 @@ def _systems(opts: argparse.Namespace) -> list[tuple[str, str]]:
             + [("gloo", "")])
 
 
-def loopback_rate(seconds: float = 0.5, chunk: int = 4 * MiB, timeout: float = 10.0) -> float:
+def loopback_rate(seconds: float = 1.0, chunk: int = 4 * MiB, span: int = 64 * MiB, timeout: float = 10.0) -> float:
     """Bytes per second this host moves through loopback TCP (DESIGN.md §5's loopback cap): two
     connections, one per direction, each fed by a sending thread and drained by a receiving one,
-    counted for ``seconds`` after a short warm-up. A ring of N peers on one host moves 2(N−1)·S
-    bytes through loopback per op, so its busbw (S/t·2(N−1)/N) cannot exceed rate / N. Every
-    socket has a timeout and the threads are joined with one, so nothing outlives the call."""
+    counted for ``seconds`` after a short warm-up. Each thread walks ``chunk`` by ``chunk``
+    through a buffer of ``span`` bytes, larger than a CPU cache, as an all-reduce of large
+    buffers does (one reused 4 MiB buffer stays in the cache and measured up to 2× more). A ring
+    of N peers on one host moves 2(N−1)·S bytes through loopback per op, so its busbw
+    (S/t·2(N−1)/N) cannot exceed rate / N. Every socket has a timeout and the threads are joined
+    with one, so nothing outlives the call."""
     srv = socket.create_server(("127.0.0.1", 0))
     socks: list[socket.socket] = []
     counts = [0, 0]
     stop = threading.Event()
 
+    slices = range(0, span - chunk + 1, chunk)
+
     def send(sock: socket.socket) -> None:
-        data = memoryview(bytearray(chunk))
+        data = memoryview(bytearray(span))
         try:
             while not stop.is_set():
-                sock.sendall(data)
+                for off in slices:
+                    sock.sendall(data[off:off + chunk])
         except OSError:
             pass
 
     def recv(sock: socket.socket, i: int) -> None:
-        buf = memoryview(bytearray(chunk))
+        buf = memoryview(bytearray(span))
         try:
             while not stop.is_set():
-                k = sock.recv_into(buf)
-                if k == 0:
-                    return
-                counts[i] += k
+                for off in slices:
+                    k = sock.recv_into(buf[off:off + chunk])
+                    if k == 0:
+                        return
+                    counts[i] += k
         except OSError:
             pass
 
