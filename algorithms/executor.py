@@ -319,7 +319,8 @@ class RingJob(LaneJob):
                         if self.codec is not None:
                             self._receive_quantized(sock, conn, step, j, lo, hi, nbytes)
                         elif step.reduce:
-                            self._receive_reduce(sock, conn, lo, hi)
+                            store = self.backup.store if self.backup is not None and not backed_up else None
+                            self._receive_reduce(sock, conn, lo, hi, store)
                             if step.final:
                                 kernels.finalize(self.op, target, plan.world)
                         else:
@@ -331,15 +332,15 @@ class RingJob(LaneJob):
 
         return run
 
-    def _receive_reduce(self, sock: socket.socket, conn: Connection, lo: int, hi: int) -> None:
+    def _receive_reduce(self, sock: socket.socket, conn: Connection, lo: int, hi: int,
+                        store: np.ndarray | None) -> None:
         """Receive elements [lo, hi) and reduce them into the output, one cache-sized block at a
         time: each block is added while it is still in the CPU cache from the kernel's copy, instead
-        of the whole piece being read back from memory. In place, unless the caller's backup covers
-        the piece, each block of the input is first copied aside (and listed for ``restore``) while
-        the add's read of it then hits the cache."""
+        of the whole piece being read back from memory. With ``store`` (in place, a piece the
+        caller's backup leaves out), each block of the input is first copied there (and listed for
+        ``restore``), and the add's read of it then hits the cache."""
         per = max(1, RECV_BLOCK_BYTES // self.out.dtype.itemsize)
         buf = conn.scratch(min(hi - lo, per) * self.out.dtype.itemsize).view(self.out.dtype)
-        store = self.backup.store if self.backup is not None and not self.backup.covers(lo, hi) else None
         for a in range(lo, hi, per):
             b = min(a + per, hi)
             block = buf[:b - a]

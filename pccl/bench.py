@@ -220,7 +220,8 @@ def _gloo_worker(conn: Connection, rank: int, n: int, init_method: str, dtype: s
     tiny = torch.zeros(1, dtype=tdtype)
     conn.send(("ready", rank, rank, n, os.getpid(), torch.__version__))
 
-    def measure(nbytes: int, iters: int, warmup: int, _algorithm: str = "", tensors: int = 1) -> tuple:
+    def measure(nbytes: int, iters: int, warmup: int, _algorithm: str = "", tensors: int = 1,
+                _out_of_place: bool = False) -> tuple:  # gloo has no out-of-place all-reduce
         buf = torch.empty(nbytes // tiny.element_size(), dtype=tdtype)
         parts = torch.tensor_split(buf, tensors)  # views of buf
 
@@ -390,8 +391,7 @@ def _measure(group: _Group, system: str, nbytes: int, opts: argparse.Namespace,
     """(max per-op seconds over ranks, per-rank per-op seconds by rank, the algorithm that ran)."""
     ws = group.of(system)
     for w in ws:
-        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm, opts.tensors)
-                   + ((opts.out_of_place,) if system.startswith("pccl") else ()))
+        group.send(w, ("measure", nbytes, opts.iters, opts.warmup, algorithm, opts.tensors, opts.out_of_place))
     replies = group.collect(ws, opts.timeout, f"a {system} measurement of {_fmt_size(nbytes)}")
     per_rank = [0.0] * len(ws)
     ran = set()
@@ -561,8 +561,9 @@ def loopback_rate(seconds: float = 1.0, chunk: int = 4 * MiB, span: int = 64 * M
             socks += [a, b]
             for x in (a, b):
                 x.settimeout(timeout)
-            threads += [threading.Thread(target=send, args=(a,), daemon=True),
-                        threading.Thread(target=recv, args=(b, i), daemon=True)]
+            sender, receiver = (a, b) if i == 0 else (b, a)  # one connection each way
+            threads += [threading.Thread(target=send, args=(sender,), daemon=True),
+                        threading.Thread(target=recv, args=(receiver, i), daemon=True)]
         for t in threads:
             t.start()
         time.sleep(0.1)

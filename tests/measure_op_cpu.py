@@ -3,10 +3,11 @@
     .venv/bin/python tests/measure_op_cpu.py --peers 2 --elems 256 --ops 300
 
 Starts a master in this process and ``--peers`` peer processes; each peer runs 5 untimed and then
-``--ops`` timed all-reduces (in place, or ``--out-of-place``) of ``--elems`` float32 values and prints the wall time per
-op and, per thread (named by its Python thread name; "native" is zmq's I/O thread), the CPU time
-(user + system, /proc/self/task/*/stat) and the context switches (/proc/self/task/*/status) per
-op. The CPU per op of this process's threads (the master's among them) is printed too.
+``--ops`` timed all-reduces (in place, or ``--out-of-place``) of ``--elems`` float32 values and
+prints the wall time per op and, per thread (named by its Python thread name; "native" is zmq's
+I/O thread), the CPU time (user + system, /proc/self/task/*/stat) and the context switches
+(/proc/self/task/*/status) per op. The CPU per op of this process's threads (the master's among
+them) is printed too.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     with pccl.Master("127.0.0.1", 0) as master:
         q = ctx.Queue()
-        procs = [ctx.Process(target=_peer, args=(master.address, a.peers, a.elems, a.ops, a.out_of_place, q)) for _ in range(a.peers)]
+        procs = [ctx.Process(target=_peer, args=(master.address, a.peers, a.elems, a.ops, a.out_of_place, q))
+                 for _ in range(a.peers)]
         for pr in procs:
             pr.start()
         m0 = _threads(f"/proc/{os.getpid()}/task")
@@ -106,6 +108,7 @@ def main() -> None:
               f"{sum(switches.values()):.1f} context switches/op ({_top(switches, '.1f', 0.1)})")
     print("this process (the master's thread, and the peers' start-up before the timed ops): "
           f"{_top(mine, '.2f', 0.01)} ms/op")
+
 
 if __name__ == "__main__":
     main()

@@ -144,13 +144,12 @@ def loop(args) -> None:
             if comm.are_peers_pending():
                 comm.update_topology()
                 emit("topology", world=comm.world_size, ring=list(comm.topology))
-        except pccl.RETRYABLE as exc:
+        except (*pccl.RETRYABLE, pccl.Kicked, pccl.MasterUnreachable) as exc:
             emit("topology_fail", error=type(exc).__name__, message=str(exc))
+            if isinstance(exc, (pccl.Kicked, pccl.MasterUnreachable)):  # a frozen peer may read it here
+                emit("fatal", error=type(exc).__name__)
+                return
             continue
-        except (pccl.Kicked, pccl.MasterUnreachable) as exc:  # final: a frozen peer may read it here
-            emit("topology_fail", error=type(exc).__name__, message=str(exc))
-            emit("fatal", error=type(exc).__name__)
-            return
         buf = base.copy()
         before = digest(buf)
         t0 = time.time()
