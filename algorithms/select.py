@@ -38,8 +38,8 @@ from pccl.enums import Algorithm
 
 
 def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan_bps: float,
-          reduce_bps: float, segments: int = 1) -> dict[Algorithm, float]:
-    """Modelled seconds of each algorithm that applies."""
+          reduce_bps: float, segments: int = 1, one_host: bool = False) -> dict[Algorithm, float]:
+    """Modelled seconds of each algorithm that applies (``one_host``: item 6 of the module doc)."""
     n = len(localities)
     s = float(nbytes)
     beta, beta_w, gamma = 1.0 / link_bps, 1.0 / wan_bps, 1.0 / reduce_bps
@@ -48,9 +48,14 @@ def costs(nbytes: int, localities: list[str], alpha: float, link_bps: float, wan
         sizes[loc] = sizes.get(loc, 0) + 1
     g = len(sizes)
     b_cross = beta_w if g > 1 else beta  # the ring and the star both cross localities when there are several
+    # bytes through the busiest link: a ring hop carries S/N, the star's root link (N-1)·S each way;
+    # on one host both load the same shared machine with 2(N-1)·S in all
+    shared = one_host and g == 1
+    ring_wire = 2 * (n - 1) * s * b_cross if shared else 2 * (n - 1) * s / n * b_cross
+    star_wire = 2 * (n - 1) * s * b_cross
     out = {
-        Algorithm.RING: 2 * (n - 1) * (alpha + s / n * b_cross) + (n - 1) / n * s * gamma,
-        Algorithm.STAR: 2 * alpha + 2 * (n - 1) * s * b_cross + (n - 1) * s * gamma,
+        Algorithm.RING: 2 * (n - 1) * alpha + ring_wire + (n - 1) / n * s * gamma,
+        Algorithm.STAR: 2 * alpha + star_wire + (n - 1) * s * gamma,
     }
     if 1 < g < n:
         c, big = min(sizes.values()), max(sizes.values())
@@ -85,12 +90,12 @@ def link_rates(measured: tuple[float, float] | None, link_bps: float, wan_bps: f
 
 
 def choose(requested: Algorithm, nbytes: int, localities: list[str], alpha: float, link_bps: float,
-           wan_bps: float, reduce_bps: float, segments: int = 1) -> Algorithm:
+           wan_bps: float, reduce_bps: float, segments: int = 1, one_host: bool = False) -> Algorithm:
     """``requested`` unless it is AUTO; then the modelled fastest."""
     if requested is not Algorithm.AUTO:
         return requested
     if len(localities) <= 1:
         return Algorithm.RING
-    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps, segments)
+    c = costs(nbytes, localities, alpha, link_bps, wan_bps, reduce_bps, segments, one_host)
     order = [Algorithm.RING, Algorithm.STAR, Algorithm.HIERARCHICAL]
     return min((a for a in order if a in c), key=lambda a: (c[a], order.index(a)))

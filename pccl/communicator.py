@@ -901,8 +901,9 @@ class Communicator:
             nbytes = codecs.encoded_size(rec.quantization, rec.inp.size)
         link_bps, wan_bps = self._link_rates
         segments = groups.segment_count(rec.inp.size, localities, itemsize, c.pipeline_bytes, self.connections)
+        one_host = len({self._members[pid].host for pid in self._ring}) == 1  # all on one loopback
         algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, link_bps, wan_bps,
-                             c.reduce_bytes_per_second, segments)
+                             c.reduce_bytes_per_second, segments, one_host)
         rec.announce = dataclasses.replace(rec.announce, algorithm=algo.value)
         world, rank = len(self._ring), self.rank
         if algo is Algorithm.RING:

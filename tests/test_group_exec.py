@@ -264,6 +264,31 @@ def test_auto_picks_star_for_tiny_ring_for_large_and_hierarchical_across_localit
         assert picks == sorted(picks, key=[Algorithm.STAR, Algorithm.RING].index)  # star, then ring
 
 
+def test_auto_on_one_host_picks_what_ran_faster_in_the_loopback_bench():
+    """Peers on one host (same data address) share its cores: the star's root is no narrower
+    than the ring's links, so both pay 2(N-1)·S through the machine and the star's two hops win
+    up to S* = 2(N-2)·alpha·N/((N-1)²·gamma). The cases of docs/benchmarks.md (2026-11-30,
+    loopback, 2 cores): at 1 MiB the star ran faster at N = 3 and 4 (3.08 and 4.57 ms against
+    the ring's 3.29 and 5.15), the ring at N = 2 (2.83 against 3.40); at 16 MiB the ring at
+    every N. The separate-links model picked the ring at 1 MiB for N = 3 and 4."""
+    kw = dict(alpha=5e-4, link_bps=1e9, wan_bps=1.25e8, reduce_bps=2e9)
+    mib = 1 << 20
+    for n, star_wins in ((2, False), (3, True), (4, True)):
+        expect = Algorithm.STAR if star_wins else Algorithm.RING
+        assert select.choose(Algorithm.AUTO, mib, ["h"] * n, one_host=True, **kw) is expect, n
+        assert select.choose(Algorithm.AUTO, 16 * mib, ["h"] * n, one_host=True, **kw) is Algorithm.RING, n
+        assert select.choose(Algorithm.AUTO, 4 * mib, ["h"] * n, one_host=True, **kw) is Algorithm.RING, n
+        assert select.choose(Algorithm.AUTO, mib, ["h"] * n, **kw) is Algorithm.RING, n  # separate links
+    # the crossover is where the model says, and the rule is star below it, ring above
+    for n in (3, 4, 8):
+        cross = 2 * (n - 2) * kw["alpha"] * n / ((n - 1) ** 2 / kw["reduce_bps"])
+        assert select.choose(Algorithm.AUTO, int(cross * 0.99), ["h"] * n, one_host=True, **kw) is Algorithm.STAR
+        assert select.choose(Algorithm.AUTO, int(cross * 1.01), ["h"] * n, one_host=True, **kw) is Algorithm.RING
+    # one address but several localities (labels set by hand to emulate hosts): the links model
+    locs = ["a", "a", "b", "b"]
+    assert select.costs(64 * mib, locs, one_host=True, **kw) == select.costs(64 * mib, locs, **kw)
+
+
 def test_auto_with_the_bench_wan_figures_picks_what_ran_faster_there():
     """The cases of docs/benchmarks.md (4 peers on 2 hosts, 64 MiB float32): behind a 1 Gbit/s
     host link hierarchical ran faster than the ring (phase B carries S per host link, the ring
