@@ -18,7 +18,7 @@ from pccl.errors import InvalidUsage
 
 
 #: Fields where 0 is meaningful (it switches the feature off).
-_ZERO_ALLOWED = frozenset({"master_reconnect_timeout", "bucket_bytes"})
+_ZERO_ALLOWED = frozenset({"master_reconnect_timeout", "bucket_bytes", "local_send_buffer"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,13 @@ class Config:
     pipeline_bytes: int = 4 << 20
     #: Data connections opened at once that have not finished their handshake.
     max_half_open: int = 64
+    #: SO_SNDBUF (bytes) of data connections whose two ends are on one host (loopback, see
+    #: transports.links.same_host); 0 leaves it to the kernel. The kernel's autotuned buffers
+    #: (up to net.ipv4.tcp_wmem's 4 MiB) made a 64 MiB ring 9-12 % slower on one 2-core VM
+    #: (docs/benchmarks.md). Keep it well above the loopback device's largest packet (64 KiB
+    #: unless BIG TCP is on): at 32 KiB each connection waited for delayed ACKs, 16 MiB took 4.7 s.
+    #: Connections between hosts are never changed (a small buffer would cap a long path).
+    local_send_buffer: int = 256 << 10
     #: Collectives in flight at once per communicator.
     max_in_flight: int = 16
     #: all_reduce_many coalesces unquantized tensors smaller than this into buckets of up to this

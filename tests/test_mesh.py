@@ -75,3 +75,50 @@ def test_closed_mesh_refuses_new_connections(pair):
     with pytest.raises(PeerFailure):
         a.send(11)
     assert links.framing.MESH_INDEX >= links.framing.MAX_CONNECTIONS
+
+
+class _Ends:
+    """The two addresses of a connection, as a connected socket reports them."""
+
+    def __init__(self, local: str, peer: str) -> None:
+        self._ends = (local, 5000), (peer, 6000)
+
+    def getsockname(self):
+        return self._ends[0]
+
+    def getpeername(self):
+        return self._ends[1]
+
+
+def test_same_host_means_a_loopback_peer_or_the_same_address_at_both_ends():
+    assert links.same_host(_Ends("127.0.0.1", "127.0.0.1"))
+    assert links.same_host(_Ends("127.0.0.1", "127.0.0.2"))
+    assert links.same_host(_Ends("::1", "::1"))
+    assert links.same_host(_Ends("10.1.2.3", "10.1.2.3"))  # one host's own LAN address: routed via loopback
+    assert not links.same_host(_Ends("10.1.2.3", "10.1.2.4"))
+    assert not links.same_host(_Ends("198.18.0.1", "198.18.0.2"))  # the emulated hosts of pccl netem
+    assert not links.same_host(_Ends("", "garbage"))
+
+
+@pytest.mark.parametrize("size", [256 << 10, 0])
+def test_loopback_data_connections_get_the_configured_send_buffer(size):
+    """Both ends of a real loopback data connection get SO_SNDBUF = local_send_buffer (Linux
+    reports twice the value set); 0 leaves what the kernel gives any loopback connection."""
+    import socket
+
+    cfg = Config(local_send_buffer=size)
+    lst = Listener("127.0.0.1", 0, cfg)
+    lst.assign(11)
+    try:
+        dialed = links.connect("127.0.0.1", lst.port, 10, 11, 3, 0, cfg)
+        claimed = lst.claim(3, 10, 0, time.monotonic() + 5)
+        with socket.create_server(("127.0.0.1", 0)) as srv, \
+                socket.create_connection(srv.getsockname()) as plain:
+            default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # what the kernel picks
+        for s in (dialed, claimed):
+            got = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert got == (2 * size if size else default), (size, got, default)
+        dialed.close()
+        claimed.close()
+    finally:
+        lst.close()

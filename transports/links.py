@@ -22,6 +22,7 @@ How it works
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import socket
@@ -76,8 +77,24 @@ def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.sendall(data)
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, config: Config) -> None:
+    """Options of an established data connection: no Nagle delay; between two addresses of one
+    host, a fixed send buffer of ``config.local_send_buffer`` bytes (see :func:`same_host`)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if config.local_send_buffer and same_host(sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.local_send_buffer)
+
+
+def same_host(sock: socket.socket) -> bool:
+    """True if both ends of the connected ``sock`` are on this machine: the peer is a loopback
+    address, or the same address as this end (the kernel then routes it through loopback too).
+    There the path's bandwidth-delay product is a few KiB, so a small send buffer costs no
+    throughput; on a real network it would, and the kernel's autotuning is left alone."""
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+        return local == peer or ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 class Listener:
@@ -148,7 +165,7 @@ class Listener:
                     _send_by(conn, framing.encode_nak(framing.NAK_BAD_PROOF), deadline)
                     raise AuthenticationFailed("the connector's proof was wrong (a different secret)")
             _send_by(conn, framing.encode_ack(self.peer_id), deadline)
-            _tune(conn)
+            _tune(conn, self.config)
             if handler is not None:
                 handler(conn, hs)  # bounded by the handler's own socket timeouts
                 return
@@ -293,7 +310,7 @@ def connect(host: str, port: int, my_id: int, expect_id: int, revision: int, ind
         if reply.value != expect_id:
             raise PeerFailure(f"{host}:{port} is peer {reply.value}, not peer {expect_id}")
         sock.settimeout(None)
-        _tune(sock)
+        _tune(sock, config)
         return sock
     except (OSError, ProtocolError, PcclTimeout) as exc:
         sock.close()
