@@ -267,7 +267,7 @@ def test_auto_picks_star_for_tiny_ring_for_large_and_hierarchical_across_localit
 def test_auto_on_one_host_picks_what_ran_faster_in_the_loopback_bench():
     """Peers on one host (same data address) share its cores: the star's root is no narrower
     than the ring's links, so both pay 2(N-1)·S through the machine and the star's two hops win
-    up to S* = 2(N-2)·alpha·N/((N-1)²·gamma). The cases of docs/benchmarks.md (2026-11-30,
+    up to S* = 2(N-2)·alpha·N/((N-1)²·gamma). The cases of docs/benchmarks.md (2026-11-29,
     loopback, 2 cores): at 1 MiB the star ran faster at N = 3 and 4 (3.08 and 4.57 ms against
     the ring's 3.29 and 5.15), the ring at N = 2 (2.83 against 3.40); at 16 MiB the ring at
     every N. The separate-links model picked the ring at 1 MiB for N = 3 and 4."""

@@ -13,7 +13,9 @@ How it works
    transfer, bandwidth probe) are handed to the handler registered for that kind, on the
    handshake's thread, and closed when it returns.
 2. The connector opens K sockets per directed link (one direction each: a socket only ever sends
-   or only ever receives), sends the handshake and checks the ack's peer id.
+   or only ever receives), sends the handshake and checks the ack's peer id. Both ends then set
+   TCP_NODELAY, and, when the two ends are on one host (:func:`same_host`), a send buffer of
+   ``Config.local_send_buffer`` bytes instead of the kernel's autotuned one.
 3. Each :class:`Connection` owns a worker thread. Collectives submit one *lane program* per
    connection; programs run in submission order, which every peer keeps identical (they are
    submitted in the master's commence order), so frames of consecutive ops never interleave.
