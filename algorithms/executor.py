@@ -46,7 +46,7 @@ RECV_BLOCK_BYTES = 256 << 10
 
 
 #: Payloads are handed to the kernel this many bytes per send call: a 4 MiB piece in one call
-#: measured 7-12 % slower at N = 3 and 4 on loopback (docs/benchmarks.md).
+#: measured 4-10 % slower at N = 4 on loopback, and no faster at N = 2 (docs/benchmarks.md).
 SEND_SLICE_BYTES = 256 << 10
 
 
