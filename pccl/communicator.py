@@ -176,6 +176,7 @@ class Communicator:
         self._members: dict[int, m.Member] = {}
         # AUTO's (inside, between) locality bandwidths: measured ones from the topology, else configured
         self._link_rates = (self.config.link_bytes_per_second, self.config.wan_bytes_per_second)
+        self._one_host = False  # every member of the group advertises the same data address (AUTO)
         self._sync: _SyncWait | None = None
         self._server = state_transfer.StateServer()
         self._probes: list[threading.Thread] = []
@@ -427,6 +428,7 @@ class Communicator:
             mine = next(((r.inside, r.between) for r in topo.rates if r.group == self.peer_group), None)
             self._link_rates = select.link_rates(mine, self.config.link_bytes_per_second,
                                                  self.config.wan_bytes_per_second)
+            self._one_host = len({self._members[pid].host for pid in self._ring}) == 1  # one loopback
             assert self._listener is not None
             self._mesh = Mesh(self._listener, topo.revision, me,
                               {pid: (mb.host, mb.port) for pid, mb in self._members.items()},
@@ -901,9 +903,8 @@ class Communicator:
             nbytes = codecs.encoded_size(rec.quantization, rec.inp.size)
         link_bps, wan_bps = self._link_rates
         segments = groups.segment_count(rec.inp.size, localities, itemsize, c.pipeline_bytes, self.connections)
-        one_host = len({self._members[pid].host for pid in self._ring}) == 1  # all on one loopback
         algo = select.choose(rec.algorithm, nbytes, localities, c.alpha_seconds, link_bps, wan_bps,
-                             c.reduce_bytes_per_second, segments, one_host)
+                             c.reduce_bytes_per_second, segments, self._one_host)
         rec.announce = dataclasses.replace(rec.announce, algorithm=algo.value)
         world, rank = len(self._ring), self.rank
         if algo is Algorithm.RING:

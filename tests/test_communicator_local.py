@@ -10,6 +10,8 @@ import pytest
 
 import pccl
 
+from test_shared_state import close_all, group, together
+
 
 @pytest.fixture
 def master():
@@ -126,36 +128,16 @@ def test_auto_on_one_host_picks_the_star_at_1_mib_and_the_ring_once_a_peer_is_el
     model of algorithms/select.py); when one peer advertises another address (127.0.0.2, still
     loopback here) the peers no longer share one host and the separate-links model picks the ring."""
     for hosts, expect in ((["127.0.0.1"] * 3, "star"), (["127.0.0.1", "127.0.0.1", "127.0.0.2"], "ring")):
-        comms = [pccl.Communicator(master.address, advertise_host=h, listen_host=h) for h in hosts]
+        comms = group(master, 3, hosts=hosts)
         try:
-            comms[0].connect()
-            ts = [threading.Thread(target=c.connect) for c in comms[1:]]
-            for t in ts:
-                t.start()
-            end = time.monotonic() + 30
-            while master.status().count(" pending ") < 2:
-                assert time.monotonic() < end, master.status()
-                time.sleep(0.01)
-            comms[0].update_topology()
-            for t in ts:
-                t.join(30)
             assert [c.world_size for c in comms] == [3, 3, 3]
             xs = [np.full(1 << 18, i + 1, np.float32) for i in range(3)]  # 1 MiB each
-            out = [None] * 3
-
-            def run(i):
-                out[i] = comms[i].all_reduce(xs[i])
-
-            rs = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-            for t in rs:
-                t.start()
-            for t in rs:
-                t.join(60)
+            out, err = together([lambda c=c, x=x: c.all_reduce(x) for c, x in zip(comms, xs)])
+            assert err == [None] * 3, err
             assert [o.algorithm for o in out] == [expect] * 3, (hosts, out)
             assert all(np.array_equal(x, np.full(1 << 18, 6, np.float32)) for x in xs)
         finally:
-            for c in comms:
-                c.close()
+            close_all(comms)
 
 
 def test_quantization_in_a_world_of_one_returns_the_input_and_checks_it(solo):

@@ -18,10 +18,13 @@ def master():
         yield m
 
 
-def group(master, n, connections=2):
-    """n connected communicators in one group (the first admits the others)."""
-    first = pccl.Communicator(master.address, connections=connections).connect()
-    rest = [pccl.Communicator(master.address, connections=connections) for _ in range(n - 1)]
+def group(master, n, connections=2, hosts=None):
+    """n connected communicators in one group (the first admits the others); ``hosts``: each
+    peer's data address (advertised and listened on), default the communicator's own choice."""
+    hosts = hosts or [None] * n
+    comms = [pccl.Communicator(master.address, connections=connections, advertise_host=h, listen_host=h)
+             for h in hosts]
+    first, rest = comms[0].connect(), comms[1:]
     ts = [threading.Thread(target=c.connect) for c in rest]
     for t in ts:
         t.start()
@@ -32,7 +35,6 @@ def group(master, n, connections=2):
     first.update_topology()
     for t in ts:
         t.join(30)
-    comms = [first] + rest
     assert all(c.world_size == n for c in comms)
     return comms
 
