@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 
-from pccl.enums import ReduceOp
+from pccl.enums import Quantization, ReduceOp
 from pccl.errors import PeerFailure
 from pccl.algorithms import executor as ex
 from pccl.algorithms import ring
@@ -28,10 +28,12 @@ def make_links(n: int, k: int) -> list[LinkSet]:
     return [LinkSet(1, (r + 1) % n, (r - 1) % n, send[r], recv[r]) for r in range(n)]
 
 
-def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None, skip_reduced=True):
+def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None, skip_reduced=True,
+             codec=Quantization.NONE):
     """Run one ring all-reduce; ``fail=(rank, call)`` makes that rank's call-th receive raise.
     In place, the caller's backup leaves out the reduce-scatter's pieces (the receives copy those
-    aside themselves, as in the communicator) unless ``skip_reduced`` is False."""
+    aside themselves, as in the communicator) unless ``skip_reduced`` is False (as the
+    communicator does for a quantized ring, ``codec``)."""
     n = len(inputs)
     links = make_links(n, k)
     outs = [x if in_place else np.empty_like(x) for x in inputs]
@@ -43,7 +45,7 @@ def run_ring(inputs, op, k=2, pipeline_bytes=1 << 12, in_place=True, fail=None, 
         if b is not None:
             b.run()
         backups.append(b)
-        jobs.append(ex.RingJob(plan, 7, op, inputs[r], outs[r], links[r], 1 << 30, b))
+        jobs.append(ex.RingJob(plan, 7, op, inputs[r], outs[r], links[r], 1 << 30, b, codec))
     real = ex.recv_exact
     ex.recv_exact, calls = failing_recv({id(c.sock): r for r in range(n) for c in links[r].recv}, fail, real)
     try:
@@ -97,11 +99,13 @@ def test_blockwise_receive_gives_the_bits_of_whole_pieces(op, monkeypatch):
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("n, block, skip_reduced", [(2, None, True), (3, None, True), (4, None, True),
-                                                   (3, 400, True), (3, 400, False)])
-def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip_reduced, monkeypatch):
+@pytest.mark.parametrize("n, block, skip_reduced, codec", [
+    (2, None, True, Quantization.NONE), (3, None, True, Quantization.NONE), (4, None, True, Quantization.NONE),
+    (3, 400, True, Quantization.NONE), (3, 400, False, Quantization.NONE),
+    (3, None, False, Quantization.UINT8), (4, None, False, Quantization.FP4)])
+def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip_reduced, codec, monkeypatch):
     """skip_reduced: the reduce-scatter's receives back up their own pieces (else the caller's
-    backup covers every piece)."""
+    backup covers every piece, as for a quantized ring)."""
     if block is not None:  # pieces of 512 elements received in blocks of 100: fail mid-piece too
         monkeypatch.setattr(ex, "RECV_BLOCK_BYTES", block)
     count = 3000
@@ -109,7 +113,7 @@ def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip
     originals = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
     # Count the receive calls of a clean run, then fail at each of them in turn.
     _, errors, calls = run_ring([x.copy() for x in originals], ReduceOp.SUM, k=2, pipeline_bytes=1 << 11,
-                                skip_reduced=skip_reduced)
+                                skip_reduced=skip_reduced, codec=codec)
     assert errors == []
     victim = n - 1
     total = calls[victim]
@@ -117,12 +121,41 @@ def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip
     for call in range(1, total + 1):
         inputs = [x.copy() for x in originals]
         _, errors, _ = run_ring(inputs, ReduceOp.SUM, k=2, pipeline_bytes=1 << 11, fail=(victim, call),
-                                skip_reduced=skip_reduced)
+                                skip_reduced=skip_reduced, codec=codec)
         assert errors, f"failure at receive call {call} went unnoticed"
         for x, o in zip(inputs, originals):
             assert x.tobytes() == o.tobytes(), f"input not restored after a failure at receive call {call}"
-    outs, errors, _ = run_ring([x.copy() for x in originals], ReduceOp.SUM)
+    outs, errors, _ = run_ring([x.copy() for x in originals], ReduceOp.SUM, skip_reduced=skip_reduced, codec=codec)
     assert errors == [] and all(o.tobytes() == outs[0].tobytes() for o in outs)
+
+
+QUANTIZED = [q for q in Quantization if q is not Quantization.NONE]
+
+
+@pytest.mark.parametrize("n", range(2, 9))
+@pytest.mark.parametrize("codec", QUANTIZED)
+def test_quantized_ring_is_bit_identical_on_every_peer_for_every_world_size(n, codec):
+    """Every codec at every N from 2 to 8 over real socket pairs, in place: odd sizes (fewer
+    elements than peers, one more than a multiple of N, chunks split into odd pieces), a constant
+    input, and all-negative chunks. Every peer ends with the same bits, and the in-place result
+    equals the out-of-place one."""
+    rng = np.random.default_rng(1000 * n + list(Quantization).index(codec))
+    cases = [[rng.standard_normal(count).astype(np.float32) for _ in range(n)] for count in (1, n - 1, 8 * n + 1, 2003)]
+    cases.append([np.full(1001, 0.75, np.float32) for _ in range(n)])  # constant: every chunk one value
+    cases.append([-np.abs(rng.standard_normal(1001)).astype(np.float32) - 1 for _ in range(n)])  # all negative
+    for xs in cases:
+        ins, oops = [x.copy() for x in xs], [x.copy() for x in xs]
+        outs, errors, _ = run_ring(ins, ReduceOp.AVG, pipeline_bytes=1 << 10, skip_reduced=False, codec=codec)
+        assert errors == []
+        assert len({o.tobytes() for o in outs}) == 1, f"{codec.name} N={n} size {xs[0].size}: peers differ"
+        out_of_place, errors, _ = run_ring(oops, ReduceOp.AVG, pipeline_bytes=1 << 10, in_place=False, codec=codec)
+        assert errors == [] and out_of_place[0].tobytes() == outs[0].tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(oops, xs))  # out of place keeps the input
+        ref = np.mean(np.stack(xs).astype(np.float64), 0)
+        if np.all(ref < 0):
+            assert np.all(outs[0] <= 0), f"{codec.name}: an all-negative mean came out positive"
+        if xs[0].size == 1001 and np.ptp(ref) == 0:  # a constant stays constant, and close to its value
+            assert np.all(outs[0] == outs[0][0]) and abs(outs[0][0] - ref[0]) <= 1e-2 * abs(ref[0])
 
 
 def test_overwrite_order_covers_every_piece_once():
