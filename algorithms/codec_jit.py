@@ -11,14 +11,22 @@ What fusing buys: the reference makes 5-8 passes over each 256 KiB block, every 
 that re-reads its input; a kernel makes one (plus one min/max scan), and runs with the GIL
 released, so the lane threads of one process encode and decode in parallel.
 
-Loaded lazily on the first quantized call (importing numba costs ~0.5-1.5 s); compiled once per
-machine and cached next to this file (``cache=True``; numba falls back to a user cache directory
-where that is not writable). ``PCCL_CODEC_JIT=0`` turns the kernels off.
+One kernel here is not a codec: :func:`copy_nt`, the copy with which an in-place op's backup
+puts the caller's input aside (:mod:`algorithms.backup`). It shares the loader and the cache.
+
+Loaded lazily on the first quantized call or large in-place op (importing numba costs ~0.5-1.5
+s); compiled once per machine and cached next to this file (``cache=True``; numba falls back to a
+user cache directory where that is not writable). ``PCCL_CODEC_JIT=0`` turns the kernels off.
 """
 from __future__ import annotations
 
+import platform
+
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 _JIT = dict(nogil=True, cache=True, fastmath=False, boundscheck=False)
 
@@ -199,6 +207,67 @@ def dec_fp16(u16, dst, add):  # pragma: no cover - compiled
         dst[i] = dst[i] + v if add else v
 
 
+# ---------------------------------------------------------------- non-temporal copy (x86-64)
+
+_V32 = ir.VectorType(ir.IntType(64), 4)  # 32 bytes: one AVX register
+
+
+@intrinsic
+def _copy32_nt(typingctx, dst_t, src_t):  # pragma: no cover - compiled
+    """Copy 32 bytes from address ``src`` (any alignment) to address ``dst`` (32-byte aligned)
+    with a non-temporal store: the line goes to memory without being read first or kept in the
+    cache (``vmovntdq`` on x86-64)."""
+    sig = types.void(types.uintp, types.uintp)
+
+    def codegen(context, builder, signature, args):
+        dst, src = args
+        v = builder.load(builder.inttoptr(src, _V32.as_pointer()), align=1)
+        st = builder.store(v, builder.inttoptr(dst, _V32.as_pointer()), align=32)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sfence(typingctx):  # pragma: no cover - compiled
+    """Order the non-temporal stores before every later store (x86 ``sfence``): a thread that
+    sees what the caller publishes next sees the copy too."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        mod = builder.module
+        fn = mod.globals.get("llvm.x86.sse.sfence") or ir.Function(mod, ir.FunctionType(ir.VoidType(), []),
+                                                                     "llvm.x86.sse.sfence")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+if platform.machine().lower() in ("x86_64", "amd64"):
+    @numba.njit(**_JIT)
+    def copy_nt(dst, src):  # pragma: no cover - compiled
+        """dst[:] = src for 1-D C-contiguous uint8 arrays of one size, with non-temporal stores:
+        for data written once and (almost) never read, such as a backup, the copy neither reads
+        the destination lines first nor evicts the cache lines other threads are working on."""
+        n = dst.size
+        d, s = dst.ctypes.data, src.ctypes.data
+        i = 0
+        while i < n and (d + i) % 32 != 0:
+            dst[i] = src[i]
+            i += 1
+        while i + 32 <= n:
+            _copy32_nt(d + i, s + i)
+            i += 32
+        while i < n:
+            dst[i] = src[i]
+            i += 1
+        _sfence()
+else:  # no such store to ask for: the backup uses numpy's copy
+    copy_nt = None
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every specialization ``codecs`` calls, so that no lane
     thread ever compiles: writable and read-only payloads, int8 and uint8 codes, add/adopt or not."""
@@ -228,6 +297,8 @@ def warm_up() -> None:
             dec_affine(a, 3, 0.01, 0.0, dst, add)
             dec_affine(b, 0, 0.01, 0.0, dst, add)
             dec_fp4(s, c, table, dst, add)
+    if copy_nt is not None:
+        copy_nt(u8, u8[::-1].copy())
 
 
 if __name__ == "__main__":  # `python -m pccl.algorithms.codec_jit`: fill the cache (make does)

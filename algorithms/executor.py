@@ -329,8 +329,7 @@ class RingJob(LaneJob):
                         if self.codec is not None:
                             self._receive_quantized(sock, conn, step, j, lo, hi, nbytes)
                         elif step.reduce:
-                            store = self.backup.store if self.backup is not None and not backed_up else None
-                            self._receive_reduce(sock, conn, lo, hi, store)
+                            self._receive_reduce(sock, conn, lo, hi, self.backup is not None and not backed_up)
                             if step.final:
                                 kernels.finalize(self.op, target, plan.world)
                         else:
@@ -342,21 +341,20 @@ class RingJob(LaneJob):
 
         return run
 
-    def _receive_reduce(self, sock: socket.socket, conn: Connection, lo: int, hi: int,
-                        store: np.ndarray | None) -> None:
+    def _receive_reduce(self, sock: socket.socket, conn: Connection, lo: int, hi: int, save: bool) -> None:
         """Receive elements [lo, hi) and reduce them into the output, one cache-sized block at a
         time: each block is added while it is still in the CPU cache from the kernel's copy, instead
-        of the whole piece being read back from memory. With ``store`` (in place, a piece the
-        caller's backup leaves out), each block of the input is first copied there (and listed for
-        ``restore``), and the add's read of it then hits the cache."""
+        of the whole piece being read back from memory. With ``save`` (in place, a piece the
+        caller's backup leaves out), each block of the input is first copied aside
+        (:meth:`Backup.save`, listed for ``restore``), and the add's read of it then hits the cache."""
         per = max(1, RECV_BLOCK_BYTES // self.out.dtype.itemsize)
         buf = conn.scratch(min(hi - lo, per) * self.out.dtype.itemsize).view(self.out.dtype)
         for a in range(lo, hi, per):
             b = min(a + per, hi)
             block = buf[:b - a]
             recv_exact(sock, _bytes(block))
-            if store is not None:
-                np.copyto(store[a:b], self.inp[a:b])
+            if save:
+                self.backup.save(a, b)
                 self.touched.append((a, b))
             kernels.reduce_into(self.op, self.inp[a:b], block, self.out[a:b])
 

@@ -141,6 +141,11 @@ def _pccl_worker(conn: Connection, index: int, master: str, connections: int, dt
     def join(cmd: str, *args: Any) -> tuple:
         nonlocal comm
         if cmd == "connect":
+            # The compiled kernels (the codecs, the backup's non-temporal copy) load in the
+            # background on first use; a long job runs with them, so load them before timing.
+            from pccl.algorithms import codecs
+
+            codecs.load_kernels()
             comm = pccl.Communicator(master=master, connections=connections)
             comm.connect(timeout=setup_timeout)
             return ("connected", index, comm.world_size)

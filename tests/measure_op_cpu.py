@@ -59,6 +59,9 @@ def _top(values: dict[str, float], fmt: str, least: float) -> str:
 
 def _peer(address: str, n: int, elems: int, ops: int, out_of_place: bool, results) -> None:
     import pccl
+    from pccl.algorithms import codecs
+
+    codecs.load_kernels()  # as in a long job: the backup's non-temporal copy, unless PCCL_CODEC_JIT=0
 
     c = pccl.Communicator(master=address).connect(timeout=60)
     deadline = time.monotonic() + 60

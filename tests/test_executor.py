@@ -99,13 +99,18 @@ def test_blockwise_receive_gives_the_bits_of_whole_pieces(op, monkeypatch):
         assert a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("n, block, skip_reduced, codec", [
-    (2, None, True, Quantization.NONE), (3, None, True, Quantization.NONE), (4, None, True, Quantization.NONE),
-    (3, 400, True, Quantization.NONE), (3, 400, False, Quantization.NONE),
-    (3, None, False, Quantization.UINT8), (4, None, False, Quantization.FP4)])
-def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip_reduced, codec, monkeypatch):
+@pytest.mark.parametrize("n, block, skip_reduced, codec, nontemporal", [
+    (2, None, True, Quantization.NONE, False), (3, None, True, Quantization.NONE, False),
+    (4, None, True, Quantization.NONE, False), (3, 400, True, Quantization.NONE, False),
+    (3, 400, False, Quantization.NONE, False), (3, 400, True, Quantization.NONE, True),
+    (3, None, False, Quantization.UINT8, False), (4, None, False, Quantization.FP4, True)])
+def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip_reduced, codec, nontemporal,
+                                                                  monkeypatch):
     """skip_reduced: the reduce-scatter's receives back up their own pieces (else the caller's
-    backup covers every piece, as for a quantized ring)."""
+    backup covers every piece, as for a quantized ring). nontemporal: the backups copy with the
+    compiled non-temporal kernel."""
+    if nontemporal:
+        use_nontemporal_backups(monkeypatch)
     if block is not None:  # pieces of 512 elements received in blocks of 100: fail mid-piece too
         monkeypatch.setattr(ex, "RECV_BLOCK_BYTES", block)
     count = 3000
@@ -130,6 +135,39 @@ def test_failure_at_every_stage_restores_input_and_retry_succeeds(n, block, skip
 
 
 QUANTIZED = [q for q in Quantization if q is not Quantization.NONE]
+
+
+def use_nontemporal_backups(monkeypatch) -> None:
+    """Make every backup, however small, copy with codec_jit.copy_nt (skips where there is none)."""
+    from pccl.algorithms import backup as backup_mod, codecs
+
+    assert codecs.load_kernels(), f"the compiled kernels did not load: {codecs.KERNELS.error!r}"
+    if codecs.KERNELS.module.copy_nt is None:
+        pytest.skip("non-temporal stores are compiled on x86-64 only")
+    monkeypatch.setattr(backup_mod, "NONTEMPORAL_MIN_BYTES", 0)
+    x = np.arange(10, dtype=np.float32)
+    assert Backup(x, np.empty_like(x), [])._copy_nt is codecs.KERNELS.module.copy_nt
+
+
+def test_backups_copy_non_temporally_from_the_threshold_on(monkeypatch):
+    """Below NONTEMPORAL_MIN_BYTES, or for a buffer that is not one contiguous vector, numpy
+    copies; from it on, the compiled kernel does, and what it saves restores byte for byte."""
+    from pccl.algorithms import backup as backup_mod
+
+    use_nontemporal_backups(monkeypatch)
+    monkeypatch.setattr(backup_mod, "NONTEMPORAL_MIN_BYTES", 4001)
+    small = np.arange(1000, dtype=np.float32)  # 4000 bytes
+    assert Backup(small, np.empty_like(small), [])._copy_nt is None
+    strided = np.arange(4000, dtype=np.float32)[::2]
+    assert Backup(strided, np.empty(strided.size, np.float32), [])._copy_nt is None
+    x = np.random.default_rng(3).standard_normal(1001).astype(np.float32)
+    original = x.copy()
+    b = Backup(x, np.empty_like(x), [(0, 333), (333, 1001)])
+    assert b._copy_nt is not None
+    b.run()
+    x[:] = -1
+    b.restore([(0, 333), (333, 1001)])
+    assert x.tobytes() == original.tobytes()
 
 
 @pytest.mark.parametrize("n", range(2, 9))
