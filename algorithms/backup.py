@@ -28,7 +28,7 @@ from pccl.algorithms import codecs
 from pccl.algorithms.ring import RingPlan
 
 #: in-place ops whose buffer has at least this many bytes back it up with non-temporal stores
-#: (docs/benchmarks.md: 64 MiB ops 6-18 % faster at N = 2 and 3; smaller buffers fit the caches)
+#: (docs/benchmarks.md: 64 MiB ops 2-12 % faster at N = 2, 3 and 4; at 4 MiB no difference)
 NONTEMPORAL_MIN_BYTES = 8 << 20
 
 
