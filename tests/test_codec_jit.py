@@ -1,6 +1,6 @@
 """The compiled codec kernels (algorithms/codec_jit.py) against the numpy reference: same bytes,
 same bits (encode, decode, decode_add, the owner's fused adopt), same errors; and when the kernels load (lazily, in the background, never for small
-chunks, not at all with PCCL_CODEC_JIT=0)."""
+chunks, not at all with PCCL_CODEC_JIT=0); and the backup's non-temporal copy, byte for byte."""
 from __future__ import annotations
 
 import contextlib
@@ -264,36 +264,36 @@ def test_a_peer_with_compiled_kernels_and_one_without_end_bit_identical():
 
 # ---------------------------------------------------------------- the backup's non-temporal copy
 
-needs_nt = pytest.mark.skipif(getattr(__import__("pccl.algorithms.codec_jit", fromlist=["x"]), "copy_nt", None) is None,
-                              reason="non-temporal stores are compiled on x86-64 only")
+def copy_nt():
+    """codec_jit.copy_nt, or skip where there is none (machines other than x86-64)."""
+    from pccl.algorithms import codec_jit
+
+    if codec_jit.copy_nt is None:
+        pytest.skip("non-temporal stores are compiled on x86-64 only")
+    return codec_jit.copy_nt
 
 
-@needs_nt
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 300), dst_off=st.integers(0, 64), src_off=st.integers(0, 64))
 def test_copy_nt_copies_exactly_and_writes_nothing_else(n, dst_off, src_off):
     """Every alignment of both ends and every length around the 32-byte vector (head, body and
     tail loops): the destination gets the source's bytes and nothing around it changes."""
-    from pccl.algorithms import codec_jit
-
+    kernel = copy_nt()
     rng = np.random.default_rng(n * 4096 + dst_off * 64 + src_off)
     src = rng.integers(0, 256, n + 128, dtype=np.uint8)
     dst = rng.integers(0, 256, n + 128, dtype=np.uint8)
     before = dst.copy()
-    codec_jit.copy_nt(dst[dst_off:dst_off + n], src[src_off:src_off + n])
+    kernel(dst[dst_off:dst_off + n], src[src_off:src_off + n])
     assert dst[dst_off:dst_off + n].tobytes() == src[src_off:src_off + n].tobytes()
     assert dst[:dst_off].tobytes() == before[:dst_off].tobytes()
     assert dst[dst_off + n:].tobytes() == before[dst_off + n:].tobytes()
 
 
-@needs_nt
 def test_copy_nt_uses_non_temporal_stores():
     """(Compiled afresh: numba cannot show the machine code of a kernel loaded from its cache.)"""
     import numba
 
-    from pccl.algorithms import codec_jit
-
-    fresh = numba.njit(nogil=True)(codec_jit.copy_nt.py_func)
+    fresh = numba.njit(nogil=True)(copy_nt().py_func)
     a = np.zeros(100, np.uint8)
     fresh(a, a.copy())
     asm = "\n".join(fresh.inspect_asm().values())
